@@ -1,0 +1,305 @@
+"""Meta's official SAM state_dict <-> sam_jax Flax params.
+
+The Flax tree mirrors the official module tree, so the mapping is a few rules, not a table:
+  * module path: "blocks.3" <-> "blocks_3" (list and nn.Sequential indices), "." <-> "/";
+  * leaf: "weight" -> whichever of kernel (Dense / Conv), scale (LayerNorm) or embedding (Embed) the
+    Flax module has; every other leaf name (bias, pos_embed, rel_pos_h, ...) is kept;
+  * layout: the transforms below, chosen by the leaf and the tensor rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import zipfile
+from typing import Any, Dict, Mapping, Tuple
+
+import numpy as np
+
+from sam_jax.build import build_sam, param_shapes
+from sam_jax.config import SamConfig, get_config, preset_name
+from sam_jax.io import flatten_params, unflatten_params
+
+from .errors import ConversionError
+
+# torch Linear weight (out, in) -> Flax Dense kernel (in, out).
+LINEAR_TO_FLAX = (1, 0)
+# torch Conv2d weight (out, in, kh, kw) -> Flax Conv kernel (kh, kw, in, out).
+CONV_TO_FLAX = (2, 3, 1, 0)
+# torch ConvTranspose2d weight (in, out, kh, kw) -> Flax ConvTranspose kernel (kh, kw, in, out),
+# spatially FLIPPED: lax.conv_transpose without transpose_kernel correlates with the kernel as
+# given, torch's transposed conv with its spatial mirror. Only the upscaling layers are transposed.
+CONV_TRANSPOSE_TO_FLAX = (2, 3, 0, 1)
+CONV_TRANSPOSE_MODULES = frozenset({"mask_decoder.output_upscaling.0", "mask_decoder.output_upscaling.3"})
+
+_WEIGHT_LEAVES = ("kernel", "scale", "embedding")
+
+
+def flax_module_path(torch_module: str) -> str:
+    """"image_encoder.blocks.3.attn" -> "image_encoder/blocks_3/attn"."""
+    out: list[str] = []
+    for part in torch_module.split("."):
+        if part.isdigit() and out:
+            out[-1] = f"{out[-1]}_{part}"
+        else:
+            out.append(part)
+    return "/".join(out)
+
+
+def torch_module_path(flax_module: str) -> str:
+    """Inverse of `flax_module_path`."""
+    return ".".join(re.sub(r"_(\d+)$", r".\1", p) for p in flax_module.split("/"))
+
+
+def torch_key(flax_key: str) -> str:
+    """The official state_dict key of a flattened Flax param path."""
+    module, leaf = flax_key.rsplit("/", 1)
+    return f"{torch_module_path(module)}.{'weight' if leaf in _WEIGHT_LEAVES else leaf}"
+
+
+def _to_flax_layout(module: str, leaf: str, x: np.ndarray) -> np.ndarray:
+    if leaf != "kernel":
+        return x
+    if x.ndim == 2:
+        return x.transpose(LINEAR_TO_FLAX)
+    if module in CONV_TRANSPOSE_MODULES:
+        return x.transpose(CONV_TRANSPOSE_TO_FLAX)[::-1, ::-1]
+    return x.transpose(CONV_TO_FLAX)
+
+
+def _to_torch_layout(module: str, leaf: str, x: np.ndarray) -> np.ndarray:
+    if leaf != "kernel":
+        return x
+    if x.ndim == 2:
+        return x.transpose(LINEAR_TO_FLAX)
+    if module in CONV_TRANSPOSE_MODULES:
+        return x[::-1, ::-1].transpose(np.argsort(CONV_TRANSPOSE_TO_FLAX))
+    return x.transpose(np.argsort(CONV_TO_FLAX))
+
+
+def _flax_shape(module: str, leaf: str, shape: Tuple[int, ...]) -> Tuple[int, ...]:
+    """Shape after `_to_flax_layout` (module is a torch module path)."""
+    return tuple(_to_flax_layout(module, leaf, np.empty(shape, np.uint8)).shape)
+
+
+def _torch_shape(flax_key: str, shape: Tuple[int, ...]) -> Tuple[int, ...]:
+    """Shape of the official tensor behind a Flax param of `shape`."""
+    module, leaf = flax_key.rsplit("/", 1)
+    return tuple(_to_torch_layout(torch_module_path(module), leaf, np.empty(shape, np.uint8)).shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model type from shapes
+
+def _block_indices(shapes: Mapping[str, Tuple[int, ...]], prefix: str) -> list[int]:
+    pat = re.compile(re.escape(prefix) + r"\.(\d+)\.")
+    return sorted({int(m.group(1)) for k in shapes for m in [pat.match(k)] if m})
+
+
+def detect_config(shapes: Mapping[str, Tuple[int, ...]]) -> SamConfig:
+    """Infers the SamConfig from the state_dict's tensor shapes (the decoder's head count, which
+    no shape records, is the official 8). Raises ConversionError if a needed tensor is missing."""
+    need = ["image_encoder.patch_embed.proj.weight", "image_encoder.pos_embed",
+            "image_encoder.neck.0.weight", "prompt_encoder.mask_downscaling.3.weight",
+            "mask_decoder.mask_tokens.weight", "mask_decoder.transformer.layers.0.mlp.lin1.weight",
+            "mask_decoder.iou_prediction_head.layers.0.weight",
+            "image_encoder.blocks.0.attn.rel_pos_h", "image_encoder.blocks.0.mlp.lin1.weight"]
+    missing = [k for k in need if k not in shapes]
+    if missing:
+        raise ConversionError("cannot detect the model type: this does not look like a SAM "
+                              "checkpoint", [f"missing key {k}" for k in missing])
+    try:
+        embed_dim, _, patch, _ = shapes["image_encoder.patch_embed.proj.weight"]
+        grid = shapes["image_encoder.pos_embed"][1]
+        blocks = _block_indices(shapes, "image_encoder.blocks")
+        rel = [shapes.get(f"image_encoder.blocks.{i}.attn.rel_pos_h", (0, 0)) for i in blocks]
+        head_dim = rel[0][1]
+        global_idx = tuple(i for i, r in zip(blocks, rel) if r[0] == 2 * grid - 1)
+        windowed = [r[0] for i, r in zip(blocks, rel) if i not in global_idx]
+        cfg = SamConfig(
+            encoder_embed_dim=embed_dim, encoder_depth=len(blocks), encoder_num_heads=embed_dim // head_dim,
+            encoder_global_attn_indexes=global_idx, image_size=grid * patch, patch_size=patch,
+            window_size=(windowed[0] + 1) // 2 if windowed else SamConfig.window_size,
+            mlp_ratio=shapes["image_encoder.blocks.0.mlp.lin1.weight"][0] / embed_dim,
+            prompt_embed_dim=shapes["image_encoder.neck.0.weight"][0],
+            mask_in_chans=shapes["prompt_encoder.mask_downscaling.3.weight"][0],
+            decoder_depth=len(_block_indices(shapes, "mask_decoder.transformer.layers")),
+            decoder_mlp_dim=shapes["mask_decoder.transformer.layers.0.mlp.lin1.weight"][0],
+            num_multimask_outputs=shapes["mask_decoder.mask_tokens.weight"][0] - 1,
+            iou_head_depth=len(_block_indices(shapes, "mask_decoder.iou_prediction_head.layers")),
+            iou_head_hidden_dim=shapes["mask_decoder.iou_prediction_head.layers.0.weight"][0],
+        )
+    except (ValueError, IndexError, ZeroDivisionError, TypeError) as e:
+        raise ConversionError(f"cannot detect the model type from the tensor shapes ({e})") from None
+    return cfg
+
+
+def describe(cfg: SamConfig) -> str:
+    name = preset_name(cfg)
+    dims = (f"embed dim {cfg.encoder_embed_dim}, {cfg.encoder_depth} blocks, "
+            f"image size {cfg.image_size}")
+    return f"{name} ({dims})" if name else f"a custom model ({dims})"
+
+
+def resolve_config(shapes: Mapping[str, Tuple[int, ...]], model_type: Any = "auto") -> SamConfig:
+    """"auto" -> detected from shapes; a preset name or SamConfig -> that, checked against shapes."""
+    if model_type is None or model_type == "auto":
+        return detect_config(shapes)
+    cfg = get_config(model_type)
+    try:
+        found = detect_config(shapes)
+    except ConversionError:
+        return cfg  # let the key-by-key check report what is wrong
+    # The decoder's head count is invisible in shapes: compare everything else.
+    if found != dataclasses.replace(cfg, decoder_num_heads=found.decoder_num_heads):
+        raise ConversionError(
+            f"model type {model_type if isinstance(model_type, str) else 'given'} does not match the "
+            f"checkpoint, which looks like {describe(found)}; expected {describe(cfg)}. "
+            "Use --model-type auto.")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion
+
+def _to_numpy(value: Any, key: str) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor, without importing torch
+        value = value.detach().cpu()
+        if value.is_floating_point():
+            value = value.float()
+        value = value.numpy()
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"{key}: expected a tensor or numpy array, got {type(value).__name__}")
+    return value.astype(np.float32) if np.issubdtype(value.dtype, np.floating) else value
+
+
+def plan_conversion(shapes: Mapping[str, Tuple[int, ...]], model_type: Any = "auto"
+                    ) -> Tuple[SamConfig, Dict[str, str]]:
+    """Checks a state_dict's keys and shapes against the model, without touching any data.
+
+    Returns the config and {official key: Flax path}. Strict: every key consumed, every parameter
+    filled, every shape checked against the model's `jax.eval_shape`; all problems are raised
+    together in one ConversionError.
+    """
+    cfg = resolve_config(shapes, model_type)
+    target = flatten_params(param_shapes(build_sam(cfg)))
+    problems: list[str] = []
+    mapping: Dict[str, str] = {}
+    for key, shape in shapes.items():
+        module, _, leaf = key.rpartition(".")
+        fmod = flax_module_path(module)
+        if leaf == "weight":
+            leaf = next((w for w in _WEIGHT_LEAVES if f"{fmod}/{w}" in target), "weight")
+        fkey = f"{fmod}/{leaf}"
+        if not module or fkey not in target:
+            problems.append(f"unexpected key {key} {tuple(shape)}")
+            continue
+        mapping[key] = fkey
+        want = tuple(target[fkey].shape)
+        if _flax_shape(module, leaf, tuple(shape)) != want:
+            problems.append(f"{key}: shape {tuple(shape)}, expected {_torch_shape(fkey, want)}")
+    problems += [f"missing key {torch_key(k)} {_torch_shape(k, tuple(target[k].shape))}"
+                 for k in sorted(set(target) - set(mapping.values()))]
+    if problems:
+        raise ConversionError(f"the checkpoint does not fit {describe(cfg)}: {len(problems)} problem(s)",
+                              problems)
+    return cfg, mapping
+
+
+def convert_state_dict(state_dict: Mapping[str, Any], model_type: Any = "auto"
+                       ) -> Tuple[SamConfig, Dict[str, Any]]:
+    """Official SAM state_dict (torch tensors or numpy arrays) -> (SamConfig, nested Flax params).
+
+    `model_type`: "auto" (detect from shapes), a preset name or a SamConfig. Raises ConversionError
+    listing every problem (see `plan_conversion`).
+    """
+    state_dict = unwrap(state_dict)
+    problems: list[str] = []
+    arrays: Dict[str, np.ndarray] = {}
+    for k, v in state_dict.items():
+        try:
+            arrays[k] = _to_numpy(v, k)
+        except TypeError as e:
+            problems.append(str(e))
+    if problems:
+        raise ConversionError("the checkpoint holds values that are not tensors", problems)
+    cfg, mapping = plan_conversion({k: tuple(v.shape) for k, v in arrays.items()}, model_type)
+    out = {}
+    for key, fkey in mapping.items():
+        module, _, leaf = key.rpartition(".")
+        out[fkey] = np.ascontiguousarray(_to_flax_layout(module, fkey.rsplit("/", 1)[1], arrays[key]))
+    return cfg, unflatten_params(out)
+
+
+def export_state_dict(params: Mapping[str, Any]) -> Dict[str, np.ndarray]:
+    """sam_jax params -> official state_dict layout (numpy), the inverse of convert_state_dict."""
+    out = {}
+    for fkey, value in flatten_params(dict(params)).items():
+        module, leaf = fkey.rsplit("/", 1)
+        out[torch_key(fkey)] = np.ascontiguousarray(
+            _to_torch_layout(torch_module_path(module), leaf, np.asarray(value)))
+    return out
+
+
+def unwrap(obj: Any) -> Mapping[str, Any]:
+    """Accepts a bare state_dict or the common {"model": ...} / {"state_dict": ...} wrappers."""
+    for _ in range(2):
+        if isinstance(obj, Mapping) and len(obj) >= 1 and not any("." in str(k) for k in obj):
+            inner = next((obj[k] for k in ("model", "state_dict") if k in obj and isinstance(obj[k], Mapping)), None)
+            if inner is not None:
+                obj = inner
+                continue
+        break
+    if not isinstance(obj, Mapping):
+        raise ConversionError(f"expected a state_dict (a mapping of names to tensors), got {type(obj).__name__}")
+    bad = [k for k in obj if not isinstance(k, str)]
+    if bad:
+        raise ConversionError("state_dict keys must be strings", [f"key {k!r}" for k in bad])
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading .pth files
+
+def read_pth(path: str | os.PathLike) -> Mapping[str, Any]:
+    """Reads an official checkpoint with torch.load(weights_only=True); never unpickles code."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConversionError(f"{path}: no such file")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise ConversionError(f"{path}: the file is empty")
+    try:
+        import torch
+    except ImportError:
+        raise ConversionError("reading .pth checkpoints needs PyTorch: pip install 'sam-jax[torch]'") from None
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":
+        raise ConversionError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types; each is summarised in one line
+        raise ConversionError(f"{path}: {_summarise_load_error(e)}") from None
+    return unwrap(obj)
+
+
+def _summarise_load_error(e: BaseException) -> str:
+    text = str(e)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    glob = next((ln for ln in lines if "GLOBAL" in ln), None)
+    if glob is not None:
+        return ("refused to load: the pickle asks for a non-tensor object, which could run code "
+                f"({glob}); nothing was executed")
+    if "zip archive" in text or "central directory" in text:
+        return "the archive is truncated or corrupt (cannot read the zip central directory)"
+    if isinstance(e, EOFError):
+        return "the file ends early (truncated)"
+    detail = next((ln for ln in reversed(lines) if "documentation" not in ln and "file an issue" not in ln), "")
+    return f"not a readable PyTorch checkpoint ({type(e).__name__}: {detail[:160]})"
+
+
+def load_official(path: str | os.PathLike, model_type: Any = "auto") -> Tuple[SamConfig, Dict[str, Any]]:
+    """Reads and converts an official `.pth`: (SamConfig, nested numpy params)."""
+    return convert_state_dict(read_pth(path), model_type)

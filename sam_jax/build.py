@@ -1,0 +1,42 @@
+"""Building models and their parameter trees."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Dict
+
+import jax
+import jax.numpy as jnp
+
+from .config import ConfigLike, SamConfig, get_config
+from .modeling import Sam
+
+Params = Dict[str, Any]
+
+
+def build_sam(config: ConfigLike = "vit_h", dtype: Any = None) -> Sam:
+    """Returns the `Sam` module for a preset name ("vit_b", "vit_l", "vit_h", "default", "tiny")
+    or a `SamConfig`. `dtype` is the compute dtype (e.g. jnp.bfloat16); params stay as given."""
+    return Sam(get_config(config), dtype=dtype)
+
+
+def _dummy_inputs(config: SamConfig):
+    s, m = config.image_size, config.mask_input_size
+    return (jnp.zeros((1, s, s, 3), jnp.float32), jnp.zeros((1, 1, 2), jnp.float32),
+            jnp.ones((1, 1), jnp.int32), jnp.zeros((1, 4), jnp.float32),
+            jnp.zeros((1, m, m), jnp.float32))
+
+
+def init_params(model: Sam, rng: jax.Array) -> Params:
+    """Randomly initialised params (Flax default init; rel-pos and pos-embed start at zero)."""
+    return jax.jit(partial(model.init, method=Sam.init_all))(rng, *_dummy_inputs(model.config))["params"]
+
+
+def param_shapes(model: Sam) -> Params:
+    """The parameter tree as `jax.ShapeDtypeStruct`s, computed without allocating anything."""
+    return jax.eval_shape(partial(model.init, method=Sam.init_all), jax.random.PRNGKey(0),
+                          *_dummy_inputs(model.config))["params"]
+
+
+def count_params(tree: Params) -> int:
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))

@@ -1,0 +1,139 @@
+"""Model configurations: the official presets and a tiny one for tests."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Dict, Tuple, Union
+
+# Pixel statistics of the official model (RGB, 0..255). The one place they live.
+PIXEL_MEAN: Tuple[float, float, float] = (123.675, 116.28, 103.53)
+PIXEL_STD: Tuple[float, float, float] = (58.395, 57.12, 57.375)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamConfig:
+    """Hyper-parameters of a SAM model.
+
+    Args:
+      encoder_embed_dim (int): ViT width (768 / 1024 / 1280 for vit_b / vit_l / vit_h).
+      encoder_depth (int): number of ViT blocks.
+      encoder_num_heads (int): attention heads per ViT block.
+      encoder_global_attn_indexes (tuple[int, ...]): blocks with global (not windowed) attention.
+      image_size (int): side of the square, padded encoder input (1024 for the official models).
+      patch_size (int): ViT patch size; the embedding grid is image_size // patch_size.
+      window_size (int): side of the attention windows of the windowed blocks.
+      mlp_ratio (float): ViT MLP hidden width / embed dim.
+      prompt_embed_dim (int): width of the image embedding and of every prompt token.
+      mask_in_chans (int): hidden channels of the mask-prompt downscaling path.
+      decoder_depth (int): blocks of the two-way transformer.
+      decoder_mlp_dim (int): MLP width of the two-way transformer.
+      decoder_num_heads (int): attention heads of the two-way transformer.
+      num_multimask_outputs (int): masks predicted when disambiguating (3).
+      iou_head_depth (int): layers of the IoU prediction MLP.
+      iou_head_hidden_dim (int): hidden width of the IoU prediction MLP.
+    """
+
+    encoder_embed_dim: int = 1280
+    encoder_depth: int = 32
+    encoder_num_heads: int = 16
+    encoder_global_attn_indexes: Tuple[int, ...] = (7, 15, 23, 31)
+    image_size: int = 1024
+    patch_size: int = 16
+    window_size: int = 14
+    mlp_ratio: float = 4.0
+    prompt_embed_dim: int = 256
+    mask_in_chans: int = 16
+    decoder_depth: int = 2
+    decoder_mlp_dim: int = 2048
+    decoder_num_heads: int = 8
+    num_multimask_outputs: int = 3
+    iou_head_depth: int = 3
+    iou_head_hidden_dim: int = 256
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "encoder_global_attn_indexes", tuple(int(i) for i in self.encoder_global_attn_indexes)
+        )
+        problems = []
+        if self.image_size % self.patch_size:
+            problems.append(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.encoder_embed_dim % self.encoder_num_heads:
+            problems.append("encoder_embed_dim must be divisible by encoder_num_heads")
+        if any(not 0 <= i < self.encoder_depth for i in self.encoder_global_attn_indexes):
+            problems.append("encoder_global_attn_indexes must lie in [0, encoder_depth)")
+        if (self.prompt_embed_dim // 2) % self.decoder_num_heads:
+            problems.append("prompt_embed_dim // 2 must be divisible by decoder_num_heads")
+        if self.prompt_embed_dim % 8 or self.mask_in_chans % 4:
+            problems.append("prompt_embed_dim must be a multiple of 8 and mask_in_chans of 4")
+        if problems:
+            raise ValueError("invalid SamConfig: " + "; ".join(problems))
+
+    @property
+    def embedding_size(self) -> int:
+        """Side of the image-embedding grid (64 for the official models)."""
+        return self.image_size // self.patch_size
+
+    @property
+    def mask_input_size(self) -> int:
+        """Side of the low-resolution mask logits and of `mask_input` (256 officially)."""
+        return 4 * self.embedding_size
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["encoder_global_attn_indexes"] = list(self.encoder_global_attn_indexes)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "SamConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown SamConfig fields: {unknown}")
+        return cls(**d)
+
+
+PRESETS: Dict[str, SamConfig] = {
+    "vit_h": SamConfig(),
+    "vit_l": SamConfig(
+        encoder_embed_dim=1024, encoder_depth=24, encoder_num_heads=16,
+        encoder_global_attn_indexes=(5, 11, 17, 23),
+    ),
+    "vit_b": SamConfig(
+        encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12,
+        encoder_global_attn_indexes=(2, 5, 8, 11),
+    ),
+    # Odd sizes on purpose: a 10x10 embedding grid that windows of 4 must pad to 12, head dims
+    # that are not powers of two, a non-default decoder width. Builds and runs in well under a second.
+    "tiny": SamConfig(
+        encoder_embed_dim=48, encoder_depth=3, encoder_num_heads=3,
+        encoder_global_attn_indexes=(1,), image_size=160, patch_size=16, window_size=4,
+        prompt_embed_dim=48, mask_in_chans=8, decoder_depth=2, decoder_mlp_dim=40,
+        iou_head_hidden_dim=24,
+    ),
+}
+PRESETS["default"] = PRESETS["vit_h"]
+
+ConfigLike = Union[str, SamConfig]
+
+
+def get_config(config: ConfigLike) -> SamConfig:
+    """Returns the SamConfig for a preset name or passes a SamConfig through."""
+    if isinstance(config, SamConfig):
+        return config
+    if isinstance(config, str):
+        if config not in PRESETS:
+            raise ValueError(f"unknown model type {config!r}; expected one of {sorted(PRESETS)}")
+        return PRESETS[config]
+    raise TypeError(f"config must be a preset name or a SamConfig, got {type(config).__name__}")
+
+
+def preset_name(config: SamConfig) -> str | None:
+    """The preset name equal to `config` (vit_h rather than its alias 'default'), or None."""
+    for name, preset in PRESETS.items():
+        if name != "default" and preset == config:
+            return name
+    return None

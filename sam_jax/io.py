@@ -1,0 +1,94 @@
+"""Saving and loading converted weights (`.safetensors`), and loading official `.pth` files."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from .build import Params, build_sam, param_shapes
+from .config import SamConfig, get_config, preset_name
+from .modeling import Sam
+
+FORMAT = "sam_jax"
+FORMAT_VERSION = "1"
+SEP = "/"
+
+
+def flatten_params(params: Params) -> Dict[str, Any]:
+    """Nested params -> {"image_encoder/blocks_0/attn/qkv/kernel": array, ...}."""
+    return traverse_util.flatten_dict(params, sep=SEP)
+
+
+def unflatten_params(flat: Dict[str, Any]) -> Params:
+    return traverse_util.unflatten_dict(flat, sep=SEP)
+
+
+def save(path: str | os.PathLike, params: Params, config: SamConfig | str) -> None:
+    """Writes params as one safetensors file; metadata records the model type and full config."""
+    from safetensors.numpy import save_file
+
+    config = get_config(config)
+    flat = {k: np.ascontiguousarray(np.asarray(v)) for k, v in flatten_params(params).items()}
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
+            "model_type": preset_name(config) or "custom", "config": config.to_json()}
+    tmp = f"{os.fspath(path)}.tmp"
+    save_file(flat, tmp, metadata=meta)
+    os.replace(tmp, path)  # never leave a half-written file under the final name
+
+
+def check_params(params: Params, model: Sam, source: str = "params") -> None:
+    """Raises ValueError listing every missing, unexpected or mis-shaped parameter."""
+    want = flatten_params(param_shapes(model))
+    have = flatten_params(params)
+    problems = [f"missing {k} {tuple(want[k].shape)}" for k in sorted(set(want) - set(have))]
+    problems += [f"unexpected {k}" for k in sorted(set(have) - set(want))]
+    problems += [f"{k}: shape {tuple(np.shape(have[k]))}, expected {tuple(want[k].shape)}"
+                 for k in sorted(set(want) & set(have)) if tuple(np.shape(have[k])) != tuple(want[k].shape)]
+    if problems:
+        head = "; ".join(problems[:6]) + (f"; ... ({len(problems)} problems)" if len(problems) > 6 else "")
+        raise ValueError(f"{source} do not fit the model: {head}")
+
+
+def _load_safetensors(path: str) -> Tuple[Sam, Params]:
+    from safetensors import SafetensorError, safe_open
+    from safetensors.numpy import load_file
+
+    try:
+        with safe_open(path, framework="numpy") as f:
+            meta = f.metadata() or {}
+        flat = load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a sam_jax weights file (metadata format={meta.get('format')!r}); "
+                         "convert it first with `python -m convert`")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format version {meta.get('format_version')!r} is not supported "
+                         f"(this sam_jax reads {FORMAT_VERSION})")
+    config = SamConfig.from_dict(json.loads(meta["config"]))
+    model = build_sam(config)
+    params = jax.tree_util.tree_map(jnp.asarray, unflatten_params(flat))
+    check_params(params, model, path)
+    return model, params
+
+
+def load(path: str | os.PathLike, model_type: str = "auto") -> Tuple[Sam, Params]:
+    """Loads `(model, params)` from a converted `.safetensors` or an official `.pth` (needs torch).
+
+    `model_type` applies to `.pth` files only ("auto" detects it from the tensor shapes).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such weights file: {path}")
+    if path.endswith(".safetensors"):
+        return _load_safetensors(path)
+    from convert.official import load_official  # torch is only needed for .pth
+
+    config, params = load_official(path, model_type)
+    return build_sam(config), jax.tree_util.tree_map(jnp.asarray, params)

@@ -1,0 +1,66 @@
+"""Layers shared by the SAM components.
+
+Every module here pins the numerics the official PyTorch code uses, instead of Flax defaults
+(LayerNorm epsilon and variance formula, exact-erf GELU).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# torch.nn.LayerNorm's default epsilon: the norms of the two-way transformer use it.
+TORCH_LN_EPS = 1e-5
+# The image encoder's blocks and every LayerNorm2d use 1e-6.
+SAM_LN_EPS = 1e-6
+
+
+def layer_norm(eps: float, name: str, dtype: Dtype = None) -> nn.LayerNorm:
+    """LayerNorm over the last (channel) axis with the two-pass variance torch computes.
+
+    In NHWC, the official `LayerNorm2d` (normalise over channels of NCHW) is exactly this too.
+    """
+    return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype, name=name)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """torch.nn.GELU(): the exact erf form, not Flax's tanh default."""
+    return nn.gelu(x, approximate=False)
+
+
+class MLPBlock(nn.Module):
+    """lin1 -> activation -> lin2 (the ViT and two-way-transformer MLPs)."""
+
+    mlp_dim: int
+    act: Callable[[jax.Array], jax.Array] = gelu
+    dtype: Dtype = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        x = nn.Dense(self.mlp_dim, dtype=self.dtype, name="lin1")(x)
+        return nn.Dense(d, dtype=self.dtype, name="lin2")(self.act(x))
+
+
+class MLP(nn.Module):
+    """`num_layers` Dense layers named layers_0.. with ReLU between them (hypernetwork, IoU head)."""
+
+    hidden_dim: int
+    output_dim: int
+    num_layers: int
+    dtype: Dtype = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i in range(self.num_layers):
+            last = i == self.num_layers - 1
+            x = nn.Dense(self.output_dim if last else self.hidden_dim, dtype=self.dtype,
+                         name=f"layers_{i}")(x)
+            if not last:
+                x = nn.relu(x)
+        return x

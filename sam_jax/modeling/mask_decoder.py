@@ -1,0 +1,87 @@
+"""Mask decoder: two-way transformer, output upscaling, hypernetwork MLPs and the IoU head."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from .common import SAM_LN_EPS, Dtype, MLP, gelu, layer_norm
+from .transformer import TwoWayTransformer
+
+
+class MaskDecoder(nn.Module):
+    """Predicts mask logits and their IoU from an image embedding and prompt tokens.
+
+    Args:
+      transformer_dim (int): channel width C (256).
+      transformer_depth / transformer_num_heads / transformer_mlp_dim: the two-way transformer.
+      num_multimask_outputs (int): masks output when disambiguating (3); one more token is the
+        single-mask output.
+      iou_head_depth (int), iou_head_hidden_dim (int): the IoU prediction MLP.
+    """
+
+    transformer_dim: int
+    transformer_depth: int = 2
+    transformer_num_heads: int = 8
+    transformer_mlp_dim: int = 2048
+    num_multimask_outputs: int = 3
+    iou_head_depth: int = 3
+    iou_head_hidden_dim: int = 256
+    dtype: Dtype = None
+
+    @nn.compact
+    def __call__(
+        self,
+        image_embeddings: jax.Array,
+        image_pe: jax.Array,
+        sparse_prompt_embeddings: jax.Array,
+        dense_prompt_embeddings: jax.Array,
+        multimask_output: bool,
+        token_valid: Optional[jax.Array] = None,
+    ) -> Tuple[jax.Array, jax.Array]:
+        """image_embeddings (B or 1, h, w, C); image_pe (h, w, C); sparse (B, T, C); dense (B, h, w, C).
+
+        Returns low-res mask logits (B, M, 4h, 4w) and IoU predictions (B, M); M is
+        num_multimask_outputs when multimask_output, else 1.
+        """
+        c = self.transformer_dim
+        n_mask = self.num_multimask_outputs + 1
+        b = sparse_prompt_embeddings.shape[0]
+        iou_token = nn.Embed(1, c, name="iou_token").embedding
+        mask_tokens = nn.Embed(n_mask, c, name="mask_tokens").embedding
+        out_tokens = jnp.broadcast_to(jnp.concatenate([iou_token, mask_tokens]), (b, 1 + n_mask, c))
+        tokens = jnp.concatenate([out_tokens, sparse_prompt_embeddings.astype(out_tokens.dtype)], axis=1)
+        if token_valid is not None:
+            token_valid = jnp.concatenate([jnp.ones((b, 1 + n_mask), bool), token_valid], axis=1)
+
+        # One embedding may serve a whole batch of prompts (the official repeat_interleave).
+        src = image_embeddings + dense_prompt_embeddings
+        hh, ww = src.shape[1:3]
+        pos = jnp.broadcast_to(image_pe, (b, hh, ww, c))
+        hs, src = TwoWayTransformer(self.transformer_depth, c, self.transformer_num_heads,
+                                    self.transformer_mlp_dim, dtype=self.dtype,
+                                    name="transformer")(src, pos, tokens, token_valid)
+        iou_token_out = hs[:, 0]
+        mask_tokens_out = hs[:, 1:1 + n_mask]
+
+        x = src.reshape(b, hh, ww, c)
+        # Kernel 2, stride 2: the official ConvTranspose2d; the converter flips the kernel.
+        x = nn.ConvTranspose(c // 4, (2, 2), strides=(2, 2), padding="VALID", dtype=self.dtype,
+                             name="output_upscaling_0")(x)
+        x = gelu(layer_norm(SAM_LN_EPS, "output_upscaling_1", self.dtype)(x))
+        x = nn.ConvTranspose(c // 8, (2, 2), strides=(2, 2), padding="VALID", dtype=self.dtype,
+                             name="output_upscaling_3")(x)
+        upscaled = gelu(x)  # (B, 4h, 4w, C/8)
+
+        hyper_in = jnp.stack([
+            MLP(c, c // 8, 3, dtype=self.dtype, name=f"output_hypernetworks_mlps_{i}")(mask_tokens_out[:, i])
+            for i in range(n_mask)], axis=1)  # (B, n_mask, C/8)
+        iou_pred = MLP(self.iou_head_hidden_dim, n_mask, self.iou_head_depth, dtype=self.dtype,
+                       name="iou_prediction_head")(iou_token_out)
+
+        sl = slice(1, None) if multimask_output else slice(0, 1)
+        masks = jnp.einsum("bmc,bhwc->bmhw", hyper_in[:, sl], upscaled.astype(hyper_in.dtype))
+        return masks, iou_pred[:, sl]

@@ -1,0 +1,99 @@
+"""`Sam`: the image encoder, prompt encoder and mask decoder behind two entry points.
+
+Layouts at this boundary:
+  * images: (B, S, S, 3) NHWC float32, already normalised and zero-padded (see `preprocess`);
+  * image embeddings: (B, h, w, C) NHWC, h = w = S / 16;
+  * coordinates: pixels of the padded S x S model input (the 1024 frame), x then y;
+  * mask logits: (B, M, 4h, 4w), masks first (M masks per prompt), as the official code.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ..config import SamConfig
+from .common import Dtype
+from .image_encoder import ImageEncoderViT
+from .mask_decoder import MaskDecoder
+from .prompt_encoder import PromptEncoder
+
+
+class Sam(nn.Module):
+    """Segment Anything. Build it with `sam_jax.build_sam`; call methods through `apply`:
+
+    >>> emb = model.apply({"params": params}, images, method=Sam.encode_image)
+    >>> logits, iou = model.apply({"params": params}, emb, coords, labels, method=Sam.decode)
+    """
+
+    config: SamConfig
+    dtype: Dtype = None
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.image_encoder = ImageEncoderViT(
+            embed_dim=cfg.encoder_embed_dim, depth=cfg.encoder_depth, num_heads=cfg.encoder_num_heads,
+            global_attn_indexes=cfg.encoder_global_attn_indexes, img_size=cfg.image_size,
+            patch_size=cfg.patch_size, window_size=cfg.window_size, mlp_ratio=cfg.mlp_ratio,
+            out_chans=cfg.prompt_embed_dim, dtype=self.dtype)
+        self.prompt_encoder = PromptEncoder(
+            embed_dim=cfg.prompt_embed_dim, image_embedding_size=cfg.embedding_size,
+            input_image_size=cfg.image_size, mask_in_chans=cfg.mask_in_chans, dtype=self.dtype)
+        self.mask_decoder = MaskDecoder(
+            transformer_dim=cfg.prompt_embed_dim, transformer_depth=cfg.decoder_depth,
+            transformer_num_heads=cfg.decoder_num_heads, transformer_mlp_dim=cfg.decoder_mlp_dim,
+            num_multimask_outputs=cfg.num_multimask_outputs, iou_head_depth=cfg.iou_head_depth,
+            iou_head_hidden_dim=cfg.iou_head_hidden_dim, dtype=self.dtype)
+
+    def encode_image(self, images: jax.Array) -> jax.Array:
+        """(B, S, S, 3) preprocessed NHWC images -> (B, h, w, C) NHWC embeddings (float32)."""
+        return self.image_encoder(images).astype(jnp.float32)
+
+    def encode_prompts(self, point_coords=None, point_labels=None, boxes=None, mask_inputs=None):
+        """See `PromptEncoder.__call__`: returns (sparse (B,T,C), dense (B,h,w,C), token_valid (B,T))."""
+        return self.prompt_encoder(point_coords, point_labels, boxes, mask_inputs)
+
+    def get_dense_pe(self) -> jax.Array:
+        """Positional encoding of the embedding grid, (h, w, C)."""
+        return self.prompt_encoder.get_dense_pe()
+
+    def decode(
+        self,
+        image_embeddings: jax.Array,
+        point_coords: Optional[jax.Array] = None,
+        point_labels: Optional[jax.Array] = None,
+        boxes: Optional[jax.Array] = None,
+        mask_inputs: Optional[jax.Array] = None,
+        multimask_output: bool = True,
+    ) -> Tuple[jax.Array, jax.Array]:
+        """Decodes a batch of B prompts against image embeddings.
+
+        Args:
+          image_embeddings: (1, h, w, C) shared by every prompt, or (B, h, w, C) one per prompt.
+          point_coords: (B, N, 2) pixels in the model-input frame; point_labels: (B, N) int.
+          boxes: (B, 4) as (x0, y0, x1, y1) in the model-input frame.
+          mask_inputs: (B, 4h, 4w) mask logits.
+          multimask_output: static; True returns 3 masks per prompt, False one.
+
+        Returns:
+          low-res mask logits (B, M, 4h, 4w) and IoU predictions (B, M), float32.
+        """
+        sparse, dense, valid = self.prompt_encoder(point_coords, point_labels, boxes, mask_inputs)
+        masks, iou = self.mask_decoder(image_embeddings, self.prompt_encoder.get_dense_pe(), sparse,
+                                       dense, multimask_output, token_valid=valid)
+        return masks.astype(jnp.float32), iou.astype(jnp.float32)
+
+    def __call__(self, images, point_coords=None, point_labels=None, boxes=None, mask_inputs=None,
+                 multimask_output: bool = True):
+        """encode_image then decode."""
+        return self.decode(self.encode_image(images), point_coords, point_labels, boxes, mask_inputs,
+                           multimask_output)
+
+    def init_all(self, images, point_coords, point_labels, boxes, mask_inputs):
+        """Touches every parameter (a mask prompt, and no mask prompt): `init` goes through here."""
+        emb = self.encode_image(images)
+        self.decode(emb, point_coords, point_labels, boxes, mask_inputs)
+        return self.decode(emb)

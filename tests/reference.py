@@ -1,0 +1,98 @@
+"""The official PyTorch SAM as the reference: built for any SamConfig, every tensor randomised.
+
+Default init leaves pos_embed and rel_pos at 0 and norms at 1/0, which hides whole classes of bugs,
+so every floating tensor of the state_dict is refilled before the model is saved and converted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+STANDIN = os.path.join(HERE, "torchvision_standin")
+if STANDIN not in sys.path:
+    sys.path.insert(0, STANDIN)  # before segment_anything imports torchvision
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from sam_jax.config import PIXEL_MEAN, PIXEL_STD, SamConfig  # noqa: E402
+
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
+# Mask logits are hyper_in (C/8) . upscaled (C/8): without this the random logits have a std of
+# several units and masks flip sign on rounding noise only rarely, but scores saturate.
+HYPERNET_OUT_SCALE = 1.0
+
+
+def official_sam(cfg: SamConfig):
+    """The official `Sam` for a config, as `build_sam._build_sam` assembles it."""
+    from functools import partial
+
+    from segment_anything.modeling import (ImageEncoderViT, MaskDecoder, PromptEncoder, Sam,
+                                           TwoWayTransformer)
+
+    grid = cfg.image_size // cfg.patch_size
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            depth=cfg.encoder_depth, embed_dim=cfg.encoder_embed_dim, img_size=cfg.image_size,
+            mlp_ratio=cfg.mlp_ratio, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=cfg.encoder_num_heads, patch_size=cfg.patch_size, qkv_bias=True, use_rel_pos=True,
+            global_attn_indexes=list(cfg.encoder_global_attn_indexes), window_size=cfg.window_size,
+            out_chans=cfg.prompt_embed_dim),
+        prompt_encoder=PromptEncoder(
+            embed_dim=cfg.prompt_embed_dim, image_embedding_size=(grid, grid),
+            input_image_size=(cfg.image_size, cfg.image_size), mask_in_chans=cfg.mask_in_chans),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=cfg.num_multimask_outputs,
+            transformer=TwoWayTransformer(depth=cfg.decoder_depth, embedding_dim=cfg.prompt_embed_dim,
+                                          mlp_dim=cfg.decoder_mlp_dim, num_heads=cfg.decoder_num_heads),
+            transformer_dim=cfg.prompt_embed_dim, iou_head_depth=cfg.iou_head_depth,
+            iou_head_hidden_dim=cfg.iou_head_hidden_dim),
+        pixel_mean=list(PIXEL_MEAN), pixel_std=list(PIXEL_STD),
+    )
+    return sam.eval()
+
+
+@torch.no_grad()
+def randomise_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Refills EVERY floating tensor of the state_dict (parameters and buffers) in place."""
+    g = torch.Generator().manual_seed(seed)
+    embeddings = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
+
+    def randn(shape, std):
+        return torch.randn(shape, generator=g) * std
+
+    for key, t in model.state_dict().items():
+        if not t.is_floating_point():
+            continue
+        module, leaf = key.rsplit(".", 1)
+        if leaf in ("rel_pos_h", "rel_pos_w", "pos_embed"):
+            new = randn(t.shape, 0.5)  # large enough to change every attention map
+        elif leaf == "positional_encoding_gaussian_matrix":
+            new = randn(t.shape, 1.0)
+        elif module in embeddings:
+            new = randn(t.shape, 1.0)
+        elif leaf == "weight" and t.ndim == 1:  # LayerNorm / LayerNorm2d
+            new = 1.0 + randn(t.shape, 0.2)
+        elif leaf == "bias":
+            new = randn(t.shape, 0.1)
+        elif leaf == "weight":
+            fan_in = t[0].numel() if "output_upscaling" not in module else t.shape[0]
+            new = randn(t.shape, fan_in ** -0.5)
+        else:
+            raise AssertionError(f"no randomisation rule for {key}")
+        if "output_hypernetworks_mlps" in module and module.endswith("layers.2"):
+            new = new * HYPERNET_OUT_SCALE
+        t.copy_(new)
+    return model
+
+
+def to_nchw(x) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
+
+
+def to_nhwc(t: torch.Tensor) -> np.ndarray:
+    return t.detach().numpy().transpose(0, 2, 3, 1)

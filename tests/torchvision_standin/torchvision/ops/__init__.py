@@ -1,0 +1,3 @@
+from .boxes import batched_nms, box_area, nms
+
+__all__ = ["batched_nms", "box_area", "nms"]
