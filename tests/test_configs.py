@@ -1,0 +1,57 @@
+"""Every preset builds and has exactly the official parameter count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sam_jax
+from reference import official_sam
+
+# Values in the official state_dict (parameters plus the saved gaussian PE buffer).
+PINNED_COUNTS = {
+    "vit_b": 93_735_728,
+    "vit_l": 312_343_088,
+    "vit_h": 641_090_864,
+    "default": 641_090_864,
+    "tiny": 227_604,
+}
+PINNED_TENSORS = {"vit_b": 314, "vit_l": 482, "vit_h": 594, "default": 594, "tiny": 188}
+
+
+def test_every_preset_is_pinned():
+    assert set(sam_jax.PRESETS) == set(PINNED_COUNTS) == set(PINNED_TENSORS)
+
+
+@pytest.mark.parametrize("name", sorted(PINNED_COUNTS))
+def test_param_count(name):
+    shapes = sam_jax.param_shapes(sam_jax.build_sam(name))
+    assert sam_jax.count_params(shapes) == PINNED_COUNTS[name]
+    assert len(sam_jax.io.flatten_params(shapes)) == PINNED_TENSORS[name]
+    with torch.device("meta"):  # shapes only, nothing allocated
+        official = official_sam(sam_jax.get_config(name)).state_dict()
+    assert sum(t.numel() for t in official.values()) == PINNED_COUNTS[name]
+    assert len(official) == PINNED_TENSORS[name]
+
+
+def test_default_is_vit_h():
+    assert sam_jax.get_config("default") == sam_jax.get_config("vit_h")
+
+
+@pytest.mark.parametrize("bad", [dict(image_size=1000), dict(encoder_num_heads=7),
+                                 dict(encoder_global_attn_indexes=(40,))])
+def test_invalid_config_is_rejected(bad):
+    with pytest.raises(ValueError, match="invalid SamConfig"):
+        sam_jax.SamConfig(**bad)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown model type 'vit_x'"):
+        sam_jax.build_sam("vit_x")
+    with pytest.raises(TypeError, match="config must be"):
+        sam_jax.build_sam(3)
+
+
+def test_config_json_roundtrip():
+    for cfg in sam_jax.PRESETS.values():
+        assert sam_jax.SamConfig.from_dict(__import__("json").loads(cfg.to_json())) == cfg
