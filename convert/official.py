@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import zipfile
 from typing import Any, Dict, Mapping, Tuple
 
 import numpy as np
@@ -276,7 +275,7 @@ def read_pth(path: str | os.PathLike) -> Mapping[str, Any]:
         raise ConversionError("reading .pth checkpoints needs PyTorch: pip install 'sam-jax[torch]'") from None
     with open(path, "rb") as f:
         head = f.read(2)
-    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":
+    if head != b"PK" and head[:1] != b"\x80":  # zip archive (torch >= 1.6) or legacy pickle
         raise ConversionError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,247 @@
+"""The converter: strictness, error reporting, safety, round trips and the other model sizes."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import sam_jax
+from convert import ConversionError, convert_state_dict, detect_config, export_state_dict, plan_conversion
+from reference import official_sam
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, module="convert"):
+    r = subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
+                       cwd=ROOT, timeout=300)
+    return r.returncode, r.stdout, r.stderr
+
+
+def assert_short_error(code, err, *needles, exit_code=1):
+    assert code == exit_code, err
+    assert "Traceback" not in err
+    assert 1 <= len(err.strip().splitlines()) <= 8, err
+    for n in needles:
+        assert n in err, err
+
+
+def flat(params):
+    return sam_jax.io.flatten_params(params)
+
+
+def test_cli_converts_and_loads(tiny, tmp_path):
+    out = tmp_path / "t.safetensors"
+    code, stdout, err = run_cli(tiny.pth, out)
+    assert code == 0, err
+    assert "converted tiny" in stdout and "188 tensors" in stdout
+    model, params = sam_jax.load(out)
+    assert model.config == sam_jax.get_config("tiny")
+    a, b = flat(params), flat(tiny.params)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_console_script_convert(tiny, tmp_path):
+    out = tmp_path / "t.safetensors"
+    code, stdout, err = run_cli("convert", tiny.pth, out, module="sam_jax.cli")
+    assert code == 0 and out.exists(), err
+
+
+def test_in_memory_conversion_matches_cli(tiny):
+    sd = tiny.torch_model.state_dict()
+    for variant in (sd, {k: v.numpy() for k, v in sd.items()}, {"model": sd}, {"state_dict": sd}):
+        cfg, params = convert_state_dict(variant)
+        assert cfg == tiny.model.config
+        a, b = flat(params), flat(tiny.params)
+        assert all(np.array_equal(a[k], b[k]) for k in b)
+
+
+def test_save_load_roundtrip_is_identical(tiny, tmp_path):
+    path = tmp_path / "again.safetensors"
+    sam_jax.save(path, tiny.params, tiny.model.config)
+    model, params = sam_jax.load(path)
+    assert model.config == tiny.model.config
+    a, b = flat(params), flat(tiny.params)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+
+
+def test_export_inverts_conversion(tiny):
+    sd = {k: v.numpy() for k, v in tiny.torch_model.state_dict().items()}
+    back = export_state_dict(tiny.params)
+    assert back.keys() == sd.keys()
+    for k in sd:
+        assert np.array_equal(back[k], sd[k]), k
+
+
+def test_load_pth_directly(tiny):
+    model, params = sam_jax.load(tiny.pth)
+    a, b = flat(params), flat(tiny.params)
+    assert model.config == tiny.model.config and all(np.array_equal(a[k], b[k]) for k in b)
+
+
+@pytest.mark.parametrize("name", ["tiny", "vit_b", "vit_l", "vit_h"])
+def test_structure_of_every_size(name):
+    """Official state_dict shapes (meta tensors, nothing allocated) map one-to-one onto our tree."""
+    with torch.device("meta"):
+        sd = official_sam(sam_jax.get_config(name)).state_dict()
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    assert detect_config(shapes) == sam_jax.get_config(name)
+    cfg, mapping = plan_conversion(shapes, "auto")
+    target = flat(sam_jax.param_shapes(sam_jax.build_sam(cfg)))
+    assert sorted(mapping) == sorted(sd) and sorted(mapping.values()) == sorted(target)
+    assert sum(int(np.prod(s)) for s in shapes.values()) == sam_jax.count_params(target)
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+def test_truncated_file(tiny, tmp_path):
+    src = tmp_path / "trunc.pth"
+    data = open(tiny.pth, "rb").read()
+    src.write_bytes(data[: len(data) // 2])
+    code, _, err = run_cli(src, tmp_path / "o.safetensors")
+    assert_short_error(code, err, "truncated or corrupt")
+
+
+def test_random_bytes(tmp_path):
+    src = tmp_path / "random.pth"
+    src.write_bytes(np.random.RandomState(0).bytes(4096))
+    code, _, err = run_cli(src, tmp_path / "o.safetensors")
+    assert_short_error(code, err, "not a PyTorch checkpoint")
+
+
+def test_random_bytes_looking_like_a_pickle(tmp_path):
+    src = tmp_path / "random.pth"
+    src.write_bytes(b"\x80" + np.random.RandomState(1).bytes(4096))
+    code, _, err = run_cli(src, tmp_path / "o.safetensors")
+    assert_short_error(code, err, "not a readable PyTorch checkpoint")
+
+
+def test_empty_file(tmp_path):
+    src = tmp_path / "empty.pth"
+    src.write_bytes(b"")
+    code, _, err = run_cli(src, tmp_path / "o.safetensors")
+    assert_short_error(code, err, "empty")
+
+
+class _Payload:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_malicious_pickle_never_runs(tiny, tmp_path, wrapped):
+    sentinel = tmp_path / "pwned"
+    src = tmp_path / "evil.pth"
+    if wrapped:  # inside a genuine torch zip checkpoint, next to real tensors
+        sd = dict(tiny.torch_model.state_dict())
+        sd["payload"] = _Payload(sentinel)
+        torch.save(sd, src)
+    else:
+        with open(src, "wb") as f:
+            pickle.dump(_Payload(sentinel), f)
+    code, _, err = run_cli(src, tmp_path / "o.safetensors")
+    assert not sentinel.exists()
+    assert_short_error(code, err, "nothing was executed" if wrapped else "PyTorch checkpoint")
+
+
+def test_missing_key(tiny, tmp_path):
+    sd = dict(tiny.torch_model.state_dict())
+    del sd["mask_decoder.iou_token.weight"]
+    src = tmp_path / "missing.pth"
+    torch.save(sd, src)
+    code, _, err = run_cli(src, tmp_path / "o.safetensors")
+    assert_short_error(code, err, "missing key mask_decoder.iou_token.weight")
+
+
+def test_extra_key(tiny, tmp_path):
+    sd = dict(tiny.torch_model.state_dict())
+    sd["mask_decoder.extra_head.weight"] = torch.zeros(3, 3)
+    src = tmp_path / "extra.pth"
+    torch.save({"model": sd}, src)
+    code, _, err = run_cli(src, tmp_path / "o.safetensors")
+    assert_short_error(code, err, "unexpected key mask_decoder.extra_head.weight")
+
+
+def test_wrong_shape(tiny):
+    sd = dict(tiny.torch_model.state_dict())
+    sd["mask_decoder.iou_token.weight"] = torch.zeros(1, 7)
+    with pytest.raises(ConversionError, match=r"mask_decoder.iou_token.weight: shape \(1, 7\), expected \(1, 48\)"):
+        convert_state_dict(sd)
+
+
+def test_forced_model_type_of_another_size(tiny, tmp_path):
+    code, _, err = run_cli(tiny.pth, tmp_path / "o.safetensors", "--model-type", "vit_b")
+    assert_short_error(code, err, "does not match the checkpoint", "tiny", "vit_b")
+
+
+def test_many_problems_are_summarised(tiny):
+    sd = {k: v for k, v in tiny.torch_model.state_dict().items() if "blocks" not in k}
+    with pytest.raises(ConversionError) as e:
+        convert_state_dict(sd, "tiny")
+    text = str(e.value)
+    assert len(e.value.problems) == 3 * 14 and "more" in text and len(text.splitlines()) <= 8
+
+
+def test_not_a_state_dict():
+    with pytest.raises(ConversionError, match="expected a state_dict"):
+        convert_state_dict([1, 2, 3])
+    with pytest.raises(ConversionError, match="not tensors"):
+        convert_state_dict({"image_encoder.pos_embed": "hello"})
+
+
+@pytest.mark.parametrize("args,needle", [
+    ((), "the following arguments are required"),
+    (("a.pth", "b.safetensors", "--model-type", "vit_x"), "invalid choice"),
+    (("a.pth", "b.npz"), "must end in .safetensors"),
+])
+def test_usage_errors_exit_2_with_one_line(args, needle):
+    code, _, err = run_cli(*args)
+    assert_short_error(code, err, needle, exit_code=2)
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_missing_source(tmp_path):
+    code, _, err = run_cli(tmp_path / "nope.pth", tmp_path / "o.safetensors")
+    assert_short_error(code, err, "no such file")
+
+
+def test_load_rejects_foreign_safetensors(tmp_path):
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "foreign.safetensors"
+    save_file({"x": np.zeros(3, np.float32)}, str(path))
+    with pytest.raises(ValueError, match="not a sam_jax weights file"):
+        sam_jax.load(path)
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        sam_jax.load(tmp_path / "junk.safetensors")
+
+
+def test_sam_jax_works_without_torch(tiny):
+    """import sam_jax and loading a converted file must not need torch."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' or name.startswith('torch.'):\n"
+        "            raise ImportError('torch is blocked in this test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import sam_jax\n"
+        f"model, params = sam_jax.load({tiny.weights!r})\n"
+        "assert 'torch' not in sys.modules\n"
+        "print(sam_jax.count_params(params))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "227604"
