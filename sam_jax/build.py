@@ -14,10 +14,11 @@ from .modeling import Sam
 Params = Dict[str, Any]
 
 
-def build_sam(config: ConfigLike = "vit_h", dtype: Any = None) -> Sam:
+def build_sam(config: ConfigLike = "vit_h", dtype: Any = None, remat_encoder: bool = False) -> Sam:
     """Returns the `Sam` module for a preset name ("vit_b", "vit_l", "vit_h", "default", "tiny")
-    or a `SamConfig`. `dtype` is the compute dtype (e.g. jnp.bfloat16); params stay as given."""
-    return Sam(get_config(config), dtype=dtype)
+    or a `SamConfig`. `dtype` is the compute dtype (e.g. jnp.bfloat16); params stay as given.
+    `remat_encoder` recomputes encoder-block activations in the backward pass (saves memory)."""
+    return Sam(get_config(config), dtype=dtype, remat_encoder=remat_encoder)
 
 
 def _dummy_inputs(config: SamConfig):

@@ -136,6 +136,7 @@ class ImageEncoderViT(nn.Module):
     mlp_ratio: float = 4.0
     out_chans: int = 256
     dtype: Dtype = None
+    remat_blocks: bool = False  # recompute block activations in the backward pass (fine-tuning)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -147,9 +148,10 @@ class ImageEncoderViT(nn.Module):
         x = PatchEmbed(self.embed_dim, p, dtype=self.dtype, name="patch_embed")(x)
         pos_embed = self.param("pos_embed", nn.initializers.zeros, (1, grid, grid, self.embed_dim))
         x = x + pos_embed.astype(x.dtype)
+        block_cls = nn.remat(Block) if self.remat_blocks else Block
         for i in range(self.depth):
             window = 0 if i in self.global_attn_indexes else self.window_size
-            x = Block(self.num_heads, self.mlp_ratio, window, grid, dtype=self.dtype,
+            x = block_cls(self.num_heads, self.mlp_ratio, window, grid, dtype=self.dtype,
                       name=f"blocks_{i}")(x)
         # Neck: names follow the official nn.Sequential indices 0..3.
         x = nn.Conv(self.out_chans, (1, 1), use_bias=False, dtype=self.dtype, name="neck_0")(x)

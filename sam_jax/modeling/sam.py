@@ -31,6 +31,7 @@ class Sam(nn.Module):
 
     config: SamConfig
     dtype: Dtype = None
+    remat_encoder: bool = False
 
     def setup(self) -> None:
         cfg = self.config
@@ -38,7 +39,7 @@ class Sam(nn.Module):
             embed_dim=cfg.encoder_embed_dim, depth=cfg.encoder_depth, num_heads=cfg.encoder_num_heads,
             global_attn_indexes=cfg.encoder_global_attn_indexes, img_size=cfg.image_size,
             patch_size=cfg.patch_size, window_size=cfg.window_size, mlp_ratio=cfg.mlp_ratio,
-            out_chans=cfg.prompt_embed_dim, dtype=self.dtype)
+            out_chans=cfg.prompt_embed_dim, dtype=self.dtype, remat_blocks=self.remat_encoder)
         self.prompt_encoder = PromptEncoder(
             embed_dim=cfg.prompt_embed_dim, image_embedding_size=cfg.embedding_size,
             input_image_size=cfg.image_size, mask_in_chans=cfg.mask_in_chans, dtype=self.dtype)
