@@ -19,7 +19,7 @@ import numpy as np
 
 from sam_jax.build import build_sam
 from sam_jax.config import SamConfig, get_config
-from sam_jax.io import check_params
+from sam_jax.io import check_params, write_safetensors
 
 from .errors import ConversionError
 from .official import _to_numpy, convert_state_dict, describe, detect_config, export_state_dict
@@ -401,8 +401,6 @@ def export_hf(params: Mapping[str, Any], config: SamConfig | str,
               folder: str | os.PathLike) -> Dict[str, Any]:
     """sam_jax params -> an HF folder (config.json + model.safetensors, float32) that
     `transformers.SamModel.from_pretrained` loads. Returns the HF state_dict written."""
-    from safetensors.numpy import save_file
-
     cfg = get_config(config)
     try:
         check_params(params, build_sam(cfg))
@@ -413,8 +411,7 @@ def export_hf(params: Mapping[str, Any], config: SamConfig | str,
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
     weights, cfg_path = os.path.join(folder, WEIGHTS_FILE), os.path.join(folder, CONFIG_FILE)
-    save_file(state, f"{weights}.tmp", metadata={"format": "pt"})  # "pt": what transformers expects
-    os.replace(f"{weights}.tmp", weights)
+    write_safetensors(weights, state, {"format": "pt"})  # "pt": what transformers expects
     with open(f"{cfg_path}.tmp", "w") as f:
         json.dump(hf_config(cfg), f, indent=2, sort_keys=True)
         f.write("\n")

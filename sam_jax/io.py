@@ -29,17 +29,28 @@ def unflatten_params(flat: Dict[str, Any]) -> Params:
     return traverse_util.unflatten_dict(flat, sep=SEP)
 
 
-def save(path: str | os.PathLike, params: Params, config: SamConfig | str) -> None:
-    """Writes params as one safetensors file; metadata records the model type and full config."""
+def write_safetensors(path: str | os.PathLike, tensors: Dict[str, np.ndarray],
+                      metadata: Dict[str, str]) -> None:
+    """Writes a safetensors file atomically (never half-written under the final name), with the
+    permissions the umask gives new files (safetensors itself creates them 0600)."""
     from safetensors.numpy import save_file
 
+    path = os.fspath(path)
+    tmp = f"{path}.tmp"
+    save_file(tensors, tmp, metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
+def save(path: str | os.PathLike, params: Params, config: SamConfig | str) -> None:
+    """Writes params as one safetensors file; metadata records the model type and full config."""
     config = get_config(config)
     flat = {k: np.ascontiguousarray(np.asarray(v)) for k, v in flatten_params(params).items()}
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
             "model_type": preset_name(config) or "custom", "config": config.to_json()}
-    tmp = f"{os.fspath(path)}.tmp"
-    save_file(flat, tmp, metadata=meta)
-    os.replace(tmp, path)  # never leave a half-written file under the final name
+    write_safetensors(path, flat, meta)
 
 
 def check_params(params: Params, model: Sam, source: str = "params") -> None:
