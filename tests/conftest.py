@@ -52,6 +52,17 @@ def vit_b(tmp_path_factory) -> Reference:
     return _make_reference(tmp_path_factory, "vit_b", seed=1)
 
 
+# The larger sizes run only with `-m slow` (minutes each, and vit_h needs ~10 GB of memory).
+@pytest.fixture(scope="module")
+def vit_l(tmp_path_factory) -> Reference:
+    return _make_reference(tmp_path_factory, "vit_l", seed=2)
+
+
+@pytest.fixture(scope="module")
+def vit_h(tmp_path_factory) -> Reference:
+    return _make_reference(tmp_path_factory, "vit_h", seed=3)
+
+
 @pytest.fixture(autouse=True)
 def _highest_precision():
     with jax.default_matmul_precision("highest"):

@@ -23,7 +23,8 @@ from reference import to_nchw, to_nhwc
 from sam_jax.transforms import (apply_boxes, apply_coords, postprocess_masks, preprocess,
                                 resize_longest_side)
 
-MODELS = ["tiny", "vit_b"]
+MODELS = ["tiny", "vit_b", pytest.param("vit_l", marks=pytest.mark.slow),
+          pytest.param("vit_h", marks=pytest.mark.slow)]
 
 # Acceptance tolerances (issue: core parity), each the measure of the full fp32 computation:
 # image embedding and low-res logits: max abs error <= 1e-4 x std of the reference (a ViT-B forward
