@@ -102,3 +102,19 @@ def test_window_partition_roundtrip(hw, window):
     assert pad == ref_pad
     np.testing.assert_array_equal(np.asarray(got), ref.numpy())
     np.testing.assert_array_equal(np.asarray(window_unpartition(got, window, pad, hw)), x)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 2, 3, 6])
+def test_chunked_rel_pos_attention_equals_full(chunk_rows):
+    """The CPU path (query rows of one head at a time) computes the same attention."""
+    from sam_jax.modeling.image_encoder import rel_pos_attention
+
+    b, n, h, w, hd = 2, 3, 12, 10, 8
+    q, k, v = (RNG.randn(*s).astype(np.float32) for s in
+               [(b, n, h, w, hd), (b, n, h * w, hd), (b, n, h * w, hd)])
+    rel_h, rel_w = RNG.randn(b, n, h, w, h).astype(np.float32), RNG.randn(b, n, h, w, w).astype(np.float32)
+    full = np.asarray(rel_pos_attention(q, k, v, rel_h, rel_w))
+    got = np.asarray(rel_pos_attention(q, k, v, rel_h, rel_w, chunk_rows))
+    np.testing.assert_allclose(got, full, rtol=0, atol=1e-5)  # same math, other matmul blocking
+    with pytest.raises(ValueError, match="must divide"):
+        rel_pos_attention(q, k, v, rel_h, rel_w, 5)

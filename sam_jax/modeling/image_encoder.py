@@ -6,7 +6,7 @@ Output: image embeddings in NHWC, (B, S/16, S/16, prompt_embed_dim).
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -60,6 +60,58 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: jax.Array) -> jax.Array:
     return rel_pos[idx]
 
 
+# Score-matrix bytes one step of the chunked attention materialises (per head, a few grid rows of
+# queries against every key). 4 MiB keeps a step's scores in cache on CPUs; the full global
+# attention of ViT-B would write 12 x 4096 x 4096 floats (805 MB) per block.
+CHUNK_BYTES = 4 << 20
+
+
+def rel_pos_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: jax.Array, rel_w: jax.Array,
+                      chunk_rows: Optional[int] = None) -> jax.Array:
+    """softmax(scale * q.k + rel_h + rel_w) @ v over a grid.
+
+    q: (B, nH, H, W, hd), already scaled; k, v: (B, nH, H*W, hd); rel_h: (B, nH, H, W, H) and
+    rel_w: (B, nH, H, W, W), the decomposed relative-position terms of every query.
+    chunk_rows: None computes all scores at once; r processes r grid rows of queries of one head
+    at a time (H must be divisible by r). Rows are independent, so the result is the same.
+    Returns (B, nH, H*W, hd).
+    """
+    b, n, h, w, hd = q.shape
+
+    def block(qc, kc, vc, rhc, rwc):  # leading dims ..., r, w: one block of query rows
+        s = jnp.einsum("...rwc,...kc->...rwk", qc, kc).reshape(*qc.shape[:-1], h, w)
+        s = s + rhc[..., :, None] + rwc[..., None, :]
+        s = jax.nn.softmax(s.reshape(*qc.shape[:-3], -1, h * w).astype(jnp.float32), axis=-1)
+        return jnp.einsum("...qk,...kc->...qc", s.astype(vc.dtype), vc)
+
+    if chunk_rows is None or chunk_rows >= h:
+        return block(q, k, v, rel_h, rel_w)
+    if h % chunk_rows:
+        raise ValueError(f"chunk_rows {chunk_rows} must divide the grid height {h}")
+    c = h // chunk_rows
+
+    def per_head(args):
+        qh, kh, vh, rhh, rwh = args
+        rows = lambda x: x.reshape(c, chunk_rows, *x.shape[1:])
+        out = jax.lax.map(lambda a: block(a[0], kh, vh, a[1], a[2]), (rows(qh), rows(rhh), rows(rwh)))
+        return out.reshape(h * w, hd)
+
+    heads = lambda x: x.reshape(b * n, *x.shape[2:])
+    out = jax.lax.map(per_head, (heads(q), heads(k), heads(v), heads(rel_h), heads(rel_w)))
+    return out.reshape(b, n, h * w, hd)
+
+
+def auto_chunk_rows(h: int, w: int) -> Optional[int]:
+    """Rows per step so that a step's scores stay near CHUNK_BYTES, or None (no chunking) on
+    accelerators and for small grids."""
+    if jax.default_backend() != "cpu":
+        return None
+    target = max(1, CHUNK_BYTES // (4 * w * h * w))
+    if target >= h:
+        return None
+    return max(r for r in range(1, target + 1) if h % r == 0)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over a (B, H, W, C) grid with decomposed relative positions."""
 
@@ -70,28 +122,21 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, dim = x.shape
-        hd = dim // self.num_heads
+        n, hd = self.num_heads, dim // self.num_heads
         rel_pos_h = self.param("rel_pos_h", nn.initializers.zeros, (2 * self.input_size[0] - 1, hd))
         rel_pos_w = self.param("rel_pos_w", nn.initializers.zeros, (2 * self.input_size[1] - 1, hd))
 
         # qkv channels are ordered [q | k | v], each head-major.
         qkv = nn.Dense(3 * dim, dtype=self.dtype, name="qkv")(x)
-        qkv = qkv.reshape(b, h * w, 3, self.num_heads, hd).transpose(2, 0, 3, 1, 4)
+        qkv = qkv.reshape(b, h * w, 3, n, hd).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # (B, nH, N, hd)
 
-        attn = jnp.einsum("bnqd,bnkd->bnqk", q * (hd ** -0.5), k)
         # Relative positions use the unscaled q.
-        rh = get_rel_pos(h, h, rel_pos_h).astype(q.dtype)
-        rw = get_rel_pos(w, w, rel_pos_w).astype(q.dtype)
-        r_q = q.reshape(b, self.num_heads, h, w, hd)
-        rel_h = jnp.einsum("bnhwc,hkc->bnhwk", r_q, rh)
-        rel_w = jnp.einsum("bnhwc,wkc->bnhwk", r_q, rw)
-        attn = attn.reshape(b, self.num_heads, h, w, h, w)
-        attn = attn + rel_h[..., :, None] + rel_w[..., None, :]
-        attn = attn.reshape(b, self.num_heads, h * w, h * w)
-        attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(v.dtype)
-
-        out = jnp.einsum("bnqk,bnkd->bqnd", attn, v).reshape(b, h, w, dim)
+        q = q.reshape(b, n, h, w, hd)
+        rel_h = jnp.einsum("bnhwc,hkc->bnhwk", q, get_rel_pos(h, h, rel_pos_h).astype(q.dtype))
+        rel_w = jnp.einsum("bnhwc,wkc->bnhwk", q, get_rel_pos(w, w, rel_pos_w).astype(q.dtype))
+        out = rel_pos_attention(q * (hd ** -0.5), k, v, rel_h, rel_w, auto_chunk_rows(h, w))
+        out = out.transpose(0, 2, 1, 3).reshape(b, h, w, dim)
         return nn.Dense(dim, dtype=self.dtype, name="proj")(out)
 
 
