@@ -11,3 +11,9 @@ __all__ = [
     "PAD_LABEL", "PIXEL_MEAN", "PIXEL_STD", "PRESETS", "Sam", "SamConfig", "build_sam",
     "count_params", "get_config", "init_params", "load", "param_shapes", "save",
 ]
+
+# Prediction (issue 3): the official SamPredictor API, and its jittable building blocks.
+from .functional import decode_prompts, encode_images, prepare_images  # noqa: E402
+from .predictor import SamPredictor  # noqa: E402
+
+__all__ += ["SamPredictor", "decode_prompts", "encode_images", "prepare_images"]

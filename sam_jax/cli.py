@@ -1,11 +1,11 @@
-"""`sam-jax` command line: `sam-jax convert ...` (more subcommands join here)."""
+"""`sam-jax` command line: `sam-jax convert ...`, `sam-jax segment ...` (more subcommands join here)."""
 
 from __future__ import annotations
 
 import sys
 from typing import Optional, Sequence
 
-USAGE = "usage: sam-jax {convert} ...  (sam-jax COMMAND --help for details)"
+USAGE = "usage: sam-jax {convert,segment} ...  (sam-jax COMMAND --help for details)"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -21,6 +21,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from convert.__main__ import main as convert_main
 
         return convert_main(rest, prog="sam-jax convert")
+    if cmd == "segment":
+        from .segment_cli import main as segment_main
+
+        return segment_main(rest, prog="sam-jax segment")
     print(f"sam-jax: error: unknown command {cmd!r}; {USAGE}", file=sys.stderr)
     return 2
 

@@ -1,0 +1,181 @@
+"""sam_jax `SamPredictor` vs the official PyTorch `SamPredictor`, on the same weights, in one run.
+
+    python bench/predictor.py [--model vit_b] [--repeats 5] [--image coffee] [--json bench/out.json]
+
+Both sides get the same randomised full-size checkpoint: the official model is built and every
+tensor randomised by tests/reference.py, saved as .pth, converted by the real converter
+(`python -m convert`), and loaded with `sam_jax.load`. Each row is timed interleaved (official,
+then sam_jax, `--repeats` times) after one warm-up call per side; the table shows medians and
+their ratio. The first sam_jax call of a row (tracing + XLA compilation, for the shapes of that
+row) is reported separately. Rows are a registry: add one with `@row("name")` below.
+
+Not part of the test run: it takes several minutes on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Dict, List
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from reference import official_sam, randomise_  # noqa: E402  (puts the torchvision stand-in on sys.path)
+
+import sam_jax  # noqa: E402
+from convert.__main__ import main as convert_main  # noqa: E402
+
+
+@dataclasses.dataclass
+class Context:
+    """What rows share: both predictors, with `image` already set on each."""
+
+    image: np.ndarray
+    official: Any  # segment_anything.SamPredictor
+    ours: sam_jax.SamPredictor
+    rng: np.random.Generator
+
+
+@dataclasses.dataclass
+class Row:
+    name: str
+    official: Callable[[], Any]
+    ours: Callable[[], Any]
+
+
+ROWS: Dict[str, Callable[[Context], Row]] = {}
+
+
+def row(name: str):
+    """Registers a row factory: ctx -> Row(official=..., ours=...). Each callable does one timed
+    operation and returns only when its result is computed (sam_jax: blocked until ready)."""
+    def register(make: Callable[[Context], Row]) -> Callable[[Context], Row]:
+        ROWS[name] = make
+        return make
+    return register
+
+
+@row("set_image")
+def _set_image(ctx: Context) -> Row:
+    # Both are synchronous: they return once the embedding is computed.
+    return Row("set_image", lambda: ctx.official.set_image(ctx.image), lambda: ctx.ours.set_image(ctx.image))
+
+
+@row("predict 1 point")
+def _predict_point(ctx: Context) -> Row:
+    h, w = ctx.image.shape[:2]
+    pts, labels = np.array([[w * 0.45, h * 0.55]]), np.array([1])
+    # Multimask, full-size boolean masks: the official default call.
+    return Row("predict 1 point", lambda: ctx.official.predict(pts, labels),
+               lambda: ctx.ours.predict(pts, labels))
+
+
+@row("predict 64 boxes")
+def _predict_boxes(ctx: Context) -> Row:
+    h, w = ctx.image.shape[:2]
+    xy = ctx.rng.uniform(0, 1, (64, 2, 2)) * [w, h]
+    boxes = np.concatenate([xy.min(1), xy.max(1)], axis=1)
+    boxes_t = torch.as_tensor(ctx.official.transform.apply_boxes(boxes, (h, w)), dtype=torch.float)
+    # Official: its batched predict_torch (boxes already in the model frame); ours: predict_batch.
+    return Row("predict 64 boxes", lambda: ctx.official.predict_torch(None, None, boxes_t),
+               lambda: ctx.ours.predict_batch(boxes=boxes))
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def load_image(name: str) -> np.ndarray:
+    import skimage.data
+
+    return np.ascontiguousarray(getattr(skimage.data, name)()[..., :3])
+
+
+def build(model_type: str, workdir: str):
+    """Randomised official model + the same weights through the real converter."""
+    from segment_anything import SamPredictor as OfficialPredictor
+
+    tm = randomise_(official_sam(sam_jax.get_config(model_type)), seed=1)
+    pth, out = os.path.join(workdir, "sam.pth"), os.path.join(workdir, "sam.safetensors")
+    torch.save(tm.state_dict(), pth)
+    if convert_main([pth, out]) != 0:
+        raise SystemExit("conversion failed")
+    model, params = sam_jax.load(out)
+    return OfficialPredictor(tm), sam_jax.SamPredictor(model, params)
+
+
+def run_row(r: Row, repeats: int) -> Dict[str, Any]:
+    first_ours = _timed(r.ours)  # trace + compile + run
+    first_official = _timed(r.official)
+    official, ours = [], []
+    for _ in range(repeats):
+        official.append(_timed(r.official))
+        ours.append(_timed(r.ours))
+    med_o, med_j = statistics.median(official), statistics.median(ours)
+    return {"name": r.name, "official_s": med_o, "sam_jax_s": med_j, "ratio": med_j / med_o,
+            "sam_jax_first_call_s": first_ours, "official_first_call_s": first_official,
+            "official_all_s": official, "sam_jax_all_s": ours}
+
+
+def print_table(results: List[Dict[str, Any]]) -> None:
+    head = f"{'row':<20} {'official s':>11} {'sam_jax s':>10} {'ratio':>7} {'sam_jax 1st call s':>19}"
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        print(f"{r['name']:<20} {r['official_s']:>11.4f} {r['sam_jax_s']:>10.4f} {r['ratio']:>7.3f} "
+              f"{r['sam_jax_first_call_s']:>19.2f}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="vit_b", choices=["vit_b", "vit_l", "vit_h"])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--image", default="coffee", help="a skimage.data photo name (default coffee, 400x600)")
+    p.add_argument("--rows", nargs="*", default=list(ROWS), help=f"subset of {list(ROWS)}")
+    p.add_argument("--json", default=os.path.join(ROOT, "bench", "predictor_results.json"))
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    image = load_image(args.image)
+    with tempfile.TemporaryDirectory() as d:
+        official, ours = build(args.model, d)
+    ctx = Context(image, official, ours, np.random.default_rng(0))
+    official.set_image(image)
+    ours.set_image(image)
+    load_before = os.getloadavg()
+    if load_before[0] > 0.5 * (os.cpu_count() or 1):
+        print(f"warning: load average {load_before[0]:.1f} on {os.cpu_count()} cores: other processes "
+              "compete for the CPU; torch's OpenMP threads suffer more from that than XLA's", flush=True)
+    results = []
+    for name in args.rows:
+        r = run_row(ROWS[name](ctx), args.repeats)
+        results.append(r)
+        print(f"  {name}: official {r['official_s']:.4f} s, sam_jax {r['sam_jax_s']:.4f} s", flush=True)
+    print_table(results)
+    meta = {"model": args.model, "image": args.image, "image_shape": list(image.shape),
+            "repeats": args.repeats, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "jax": jax.__version__, "torch": torch.__version__, "jax_device": str(jax.devices()[0]),
+            "machine": platform.platform(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+            "rows": results}
+    with open(args.json, "w") as f:
+        json.dump(meta, f, indent=1)
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

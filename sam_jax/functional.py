@@ -1,0 +1,160 @@
+"""The jit-compiled building blocks of `SamPredictor`, and its bucket sizes.
+
+`encode_images` and `decode_prompts` are pure functions for use inside your own `jax.jit`; they
+work in the MODEL-INPUT frame (the S x S square the image is resized into, S = 1024 officially),
+with NHWC embeddings. `SamPredictor` wraps them with original-image coordinates and numpy outputs.
+
+Compilation discipline (what compiles when):
+  * encoder: once per number of images in a call (`set_image` is one image). Images are resized on
+    the host with Pillow, zero-padded to S x S uint8, and their (h, w) travels as data, so image
+    size never recompiles;
+  * decoder: once per (prompt kinds present, multimask_output, point bucket, prompt bucket). Point
+    sets are padded to `point_bucket` slots with `PAD_LABEL`, which the model masks out of
+    attention: the result equals the unpadded computation. Batches of prompts are padded to a
+    power of two up to MAX_PROMPTS_PER_CALL and longer batches run in chunks of that size;
+  * mask upscaling: once per (padded output size, prompt bucket, masks per prompt, return_logits).
+    Output sides are padded to `size_bucket` sides and sliced on the host; the crop + two bilinear
+    resizes travel as interpolation tables (arrays), so images whose sides fall in the same
+    buckets share one compilation.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import inputs
+from .build import Params
+from .modeling import Sam
+from .transforms import pad_to_square, preprocess_padded, resize_longest_side, upscale_masks
+
+MASK_THRESHOLD = 0.0
+# Point slots per prompt: up to 16 points share one compilation, then 64, 256, 1024, ... (x4).
+MIN_POINT_SLOTS = 16
+MAX_PROMPTS_PER_CALL = 64
+# Output sides of the mask upscaling: 256 * sqrt(2)^k rounded up to a multiple of 16 (256, 368,
+# 512, 736, 1024, 1456, 2048, 2912, 4096, 5808, 8192, ...): at most ~2x the pixels of the image.
+SIZE_BUCKET_BASE = 256
+
+Tables = Tuple[Tuple[jax.Array, jax.Array], Tuple[jax.Array, jax.Array]]
+
+
+def point_bucket(n: int) -> int:
+    """Number of point slots a prompt with n points is padded to."""
+    b = MIN_POINT_SLOTS
+    while n > b:
+        b *= 4
+    return b
+
+
+def prompt_bucket(b: int) -> int:
+    """Number of prompts a chunk of b <= MAX_PROMPTS_PER_CALL prompts is padded to (power of 2)."""
+    return min(1 << max(b - 1, 0).bit_length(), MAX_PROMPTS_PER_CALL)
+
+
+def size_bucket(n: int) -> int:
+    """Padded output side for an image side of n pixels (see SIZE_BUCKET_BASE)."""
+    k = 0
+    while True:
+        b = -(-math.ceil(SIZE_BUCKET_BASE * 2 ** (k / 2)) // 16) * 16
+        if n <= b:
+            return b
+        k += 1
+
+
+# --- Pure functions: usable inside your own jax.jit. ---
+
+
+def prepare_images(images: Sequence[Any], image_size: int, image_format: str = "RGB"
+                   ) -> Tuple[np.ndarray, np.ndarray, List[Tuple[int, int]]]:
+    """Host side: images (any accepted form, see `inputs.as_rgb_uint8`) -> the inputs of
+    `encode_images`: uint8 (B, S, S, 3) resized and zero-padded, resized sizes int32 (B, 2) as
+    (h, w), and the original (H, W) of each."""
+    padded, sizes, originals = [], [], []
+    for i, image in enumerate(images):
+        rgb = inputs.as_rgb_uint8(image, image_format, name="image" if len(images) == 1 else f"images[{i}]")
+        resized = resize_longest_side(rgb, image_size)
+        padded.append(pad_to_square(resized, image_size))
+        sizes.append(resized.shape[:2])
+        originals.append(rgb.shape[:2])
+    return np.stack(padded), np.asarray(sizes, np.int32), originals
+
+
+def encode_images(model: Sam, params: Params, images: jax.Array, sizes: jax.Array) -> jax.Array:
+    """uint8 (B, S, S, 3) RGB images resized into the top-left of the S x S frame, with their
+    resized (h, w) as int (B, 2) -> image embeddings (B, S/16, S/16, C) NHWC float32.
+
+    Normalises and zeroes the padding on the device, so the shape (and the compilation) does not
+    depend on the image size. `prepare_images` makes the inputs on the host.
+    """
+    return model.apply({"params": params}, preprocess_padded(images, sizes), method=Sam.encode_image)
+
+
+def dense_pe(model: Sam, params: Params) -> jax.Array:
+    """The positional encoding of the embedding grid, (h, w, C): the same for every image and
+    prompt, so `decode_prompts` can take it precomputed (its sin/cos are ~10% of a decode on CPU)."""
+    return model.apply({"params": params}, method=Sam.get_dense_pe)
+
+
+def _decode_method(m: Sam, image_embedding, point_coords, point_labels, boxes, mask_input, image_pe,
+                   multimask_output: bool):
+    # `Sam.decode` with the dense positional encoding as an optional input.
+    sparse, dense, valid = m.encode_prompts(point_coords, point_labels, boxes, mask_input)
+    pe = m.get_dense_pe() if image_pe is None else image_pe
+    masks, iou = m.mask_decoder(image_embedding, pe, sparse, dense, multimask_output, token_valid=valid)
+    return masks.astype(jnp.float32), iou.astype(jnp.float32)
+
+
+def decode_prompts(model: Sam, params: Params, image_embedding: jax.Array,
+                   point_coords: Optional[jax.Array] = None, point_labels: Optional[jax.Array] = None,
+                   boxes: Optional[jax.Array] = None, mask_input: Optional[jax.Array] = None,
+                   multimask_output: bool = True, image_pe: Optional[jax.Array] = None
+                   ) -> Tuple[jax.Array, jax.Array]:
+    """Decodes B prompts against one image embedding (`Sam.decode`); arrays stay on the device.
+
+    Args:
+      image_embedding: (1, h, w, C) NHWC (e.g. `SamPredictor.image_embeddings[i]`).
+      point_coords: (B, N, 2) float, (x, y) pixels of the MODEL-INPUT frame (use
+        `SamPredictor.transform.apply_coords` or `transforms.apply_coords` to get there).
+      point_labels: (B, N) int: 1 foreground, 0 background, -1 the official "not a point" token,
+        PAD_LABEL for empty slots (masked out of attention: pad freely to a fixed N).
+      boxes: (B, 4) float, (x0, y0, x1, y1) in the model-input frame.
+      mask_input: (B, 4h, 4w) low-res mask LOGITS (a previous call's low_res_logits[:, k]).
+      multimask_output: static; True gives 3 masks per prompt, False 1.
+      image_pe: optional `dense_pe(model, params)`, computed here when None.
+
+    Returns:
+      low-res mask logits (B, M, 4h, 4w) and IoU predictions (B, M). `transforms.upscale_masks`
+      with `SamPredictor.upscale_tables(i)` turns the logits into full-size logits.
+    """
+    return model.apply({"params": params}, image_embedding, point_coords, point_labels, boxes, mask_input,
+                       image_pe, multimask_output, method=_decode_method)
+
+
+@partial(jax.jit, static_argnames=("model",))
+def _encode_split(model: Sam, params: Params, images: jax.Array, sizes: jax.Array) -> Tuple[jax.Array, ...]:
+    emb = encode_images(model, params, images, sizes)
+    # One (1, h, w, C) array per image: the decoder then sees one shape whatever the batch was.
+    return tuple(emb[i:i + 1] for i in range(emb.shape[0]))
+
+
+_decode = jax.jit(decode_prompts, static_argnames=("model", "multimask_output"))
+_dense_pe = jax.jit(dense_pe, static_argnames=("model",))
+
+
+@partial(jax.jit, static_argnames=("return_logits",))
+def _upscale(low_res: jax.Array, rows, cols, return_logits: bool) -> jax.Array:
+    logits = upscale_masks(low_res, rows, cols)
+    return logits if return_logits else logits > MASK_THRESHOLD
+
+
+def _pad_rows(x: np.ndarray, n: int, fill: float = 0.0) -> np.ndarray:
+    """Pads axis 0 of x to n rows with `fill`."""
+    if x.shape[0] == n:
+        return x
+    return np.concatenate([x, np.full((n - x.shape[0], *x.shape[1:]), fill, x.dtype)])

@@ -1,0 +1,205 @@
+"""`sam-jax segment`: masks for one image from point and box prompts, written as PNGs.
+
+    sam-jax segment IMAGE --weights W.safetensors [--point x,y[:label]]... [--box x0,y0,x1,y1]...
+                    [--single] --out DIR [--json]
+
+Prompts are original-image pixels (x right, y down) of the image as displayed, i.e. after its EXIF
+orientation is applied. Without --box, all points form one prompt. With one --box, the points
+join it. Several boxes are several prompts, decoded in one batched call (points cannot be added).
+Writes DIR/mask_{prompt}_{k}.png (white = mask) for every mask and DIR/overlay.png (the photo with
+each prompt's best mask tinted, the prompts drawn and the scores in the corner); prints the scores,
+or with --json one JSON object. Usage errors: one line on stderr, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+PALETTE = [(30, 144, 255), (255, 140, 0), (50, 205, 50), (220, 20, 60), (148, 0, 211), (0, 206, 209)]
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing a usage block: the CLI prints one line."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(message)
+
+
+def _numbers(text: str, n: int, what: str) -> List[float]:
+    parts = text.split(",")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) != n or not all(np.isfinite(values)):
+        raise UsageError(f"{what} {text!r}: expected {n} comma-separated numbers")
+    return values
+
+
+def parse_point(text: str) -> Tuple[float, float, int]:
+    """"x,y" or "x,y:label" (label 1 foreground, the default, or 0 background)."""
+    xy, _, label = text.partition(":")
+    x, y = _numbers(xy, 2, "--point")
+    if label not in ("", "0", "1"):
+        raise UsageError(f"--point {text!r}: the label after ':' must be 1 (foreground) or 0 (background)")
+    return x, y, int(label or 1)
+
+
+def parse_box(text: str) -> Tuple[float, float, float, float]:
+    x0, y0, x1, y1 = _numbers(text, 4, "--box")
+    return x0, y0, x1, y1
+
+
+def check_prompts(points: List[Tuple[float, float, int]], boxes: List[Tuple[float, ...]],
+                  size: Tuple[int, int]) -> None:
+    """Fails fast (before loading weights) on prompts outside the [0, W] x [0, H] image."""
+    h, w = size
+    for x, y, _ in points:
+        if not (0 <= x <= w and 0 <= y <= h):
+            raise UsageError(f"--point {x:g},{y:g} is outside the {w}x{h} (W x H) image")
+    for x0, y0, x1, y1 in boxes:
+        if x1 < x0 or y1 < y0:
+            raise UsageError(f"--box {x0:g},{y0:g},{x1:g},{y1:g} has x1 < x0 or y1 < y0 (expected x0,y0,x1,y1)")
+        if not (0 <= x0 and 0 <= y0 and x1 <= w and y1 <= h):
+            raise UsageError(f"--box {x0:g},{y0:g},{x1:g},{y1:g} is outside the {w}x{h} (W x H) image")
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description="Segment an image with point and box prompts.")
+    p.add_argument("image", help="photo to segment (any format Pillow reads)")
+    p.add_argument("--weights", required=True, help="converted weights (.safetensors) or official .pth")
+    p.add_argument("--point", action="append", default=[], type=parse_point, metavar="X,Y[:LABEL]",
+                   help="a point prompt in pixels; label 1 (default) foreground, 0 background")
+    p.add_argument("--box", action="append", default=[], type=parse_box, metavar="X0,Y0,X1,Y1",
+                   help="a box prompt in pixels; repeat for several objects")
+    p.add_argument("--single", action="store_true", help="one mask per prompt instead of three")
+    p.add_argument("--out", required=True, help="output folder (created if missing)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return p
+
+
+def read_image(path: str) -> np.ndarray:
+    """uint8 (H, W, 3) RGB with the EXIF orientation applied."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    except FileNotFoundError:
+        raise UsageError(f"no such image: {path}") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise UsageError(f"cannot read image {path}: {e}") from None
+
+
+def overlay(image: np.ndarray, masks: List[np.ndarray], scores: List[float],
+            points: List[Tuple[float, float, int]], boxes: List[Tuple[float, ...]]) -> "Image.Image":
+    """The photo with one mask per prompt tinted, points (green 1 / red 0) and boxes drawn, and
+    the scores in the top-left corner."""
+    from PIL import Image, ImageDraw
+
+    out = image.astype(np.float32)
+    for i, m in enumerate(masks):
+        color = np.asarray(PALETTE[i % len(PALETTE)], np.float32)
+        out[m] = 0.5 * out[m] + 0.5 * color
+    im = Image.fromarray(out.round().astype(np.uint8))
+    draw = ImageDraw.Draw(im)
+    r = max(3, round(max(image.shape[:2]) / 150))
+    for i, b in enumerate(boxes):
+        draw.rectangle(b, outline=PALETTE[i % len(PALETTE)], width=max(2, r // 2))
+    for x, y, label in points:
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=(0, 200, 0) if label == 1 else (220, 0, 0),
+                     outline=(255, 255, 255), width=max(1, r // 3))
+    text = "\n".join(f"prompt {i}: score {s:.3f}" for i, s in enumerate(scores))
+    left, top, right, bottom = draw.multiline_textbbox((6, 6), text)
+    draw.rectangle((left - 4, top - 4, right + 4, bottom + 4), fill=(0, 0, 0))
+    draw.multiline_text((6, 6), text, fill=(255, 255, 255))
+    return im
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
+    """Segments and writes the files; returns the JSON report. Raises UsageError on bad input."""
+    from PIL import Image
+
+    import sam_jax
+
+    if not args.point and not args.box:
+        raise UsageError("give at least one --point or --box")
+    if args.point and len(args.box) > 1:
+        raise UsageError("--point can be combined with at most one --box (several boxes are separate prompts)")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} exists and is not a folder")
+    image = read_image(args.image)
+    check_prompts(args.point, args.box, image.shape[:2])
+    try:
+        model, params = sam_jax.load(args.weights)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    predictor = sam_jax.SamPredictor(model, params)
+    predictor.set_image(image)
+    coords = np.array([p[:2] for p in args.point]).reshape(-1, 2) if args.point else None
+    labels = np.array([p[2] for p in args.point], np.int32) if args.point else None
+    multimask = not args.single
+    try:
+        if len(args.box) > 1:
+            masks, scores, _ = predictor.predict_batch(boxes=np.array(args.box), multimask_output=multimask)
+        else:
+            box = np.array(args.box[0]) if args.box else None
+            m, s, _ = predictor.predict(coords, labels, box, multimask_output=multimask)
+            masks, scores = m[None], s[None]
+    except ValueError as e:  # e.g. a point outside the image
+        raise UsageError(str(e)) from None
+
+    os.makedirs(args.out, exist_ok=True)
+    report: Dict[str, Any] = {"image": args.image, "size": list(image.shape[:2]), "weights": args.weights,
+                              "multimask": multimask, "prompts": []}
+    best_masks, best_scores = [], []
+    for p in range(len(masks)):
+        entry: Dict[str, Any] = {"points": [list(q) for q in args.point] if len(args.box) <= 1 else [],
+                                 "box": list(args.box[p]) if args.box else None, "masks": []}
+        for k in range(masks.shape[1]):
+            path = os.path.join(args.out, f"mask_{p}_{k}.png")
+            Image.fromarray(masks[p, k].astype(np.uint8) * 255).save(path)
+            entry["masks"].append({"file": path, "score": float(scores[p, k]), "area": int(masks[p, k].sum())})
+        best = int(np.argmax(scores[p]))
+        entry["best"] = best
+        best_masks.append(masks[p, best])
+        best_scores.append(float(scores[p, best]))
+        report["prompts"].append(entry)
+    report["overlay"] = os.path.join(args.out, "overlay.png")
+    overlay(image, best_masks, best_scores, args.point, args.box).save(report["overlay"])
+    return report
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: str = "sam-jax segment") -> int:
+    try:
+        args = build_parser(prog).parse_args(argv)
+        report = run(args)
+    except UsageError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. the output folder is not writable
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for i, entry in enumerate(report["prompts"]):
+            for k, m in enumerate(entry["masks"]):
+                star = " (best)" if k == entry["best"] else ""
+                print(f"prompt {i} mask {k}: score {m['score']:.4f}  area {m['area']}  {m['file']}{star}")
+        print(f"overlay: {report['overlay']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

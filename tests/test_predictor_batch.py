@@ -1,0 +1,198 @@
+"""Batched prompting, several images per call, the on-device JAX path and compilation discipline,
+on the tiny model (cheap: every claim here is about shapes and padding, not model size)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import skimage.data
+
+from sam_jax import PAD_LABEL, SamPredictor, decode_prompts
+from sam_jax import functional as F
+from sam_jax.transforms import upscale_masks
+
+PHOTO = np.ascontiguousarray(skimage.data.coffee()[::2, ::2])  # 200 x 300
+H, W = PHOTO.shape[:2]
+
+COMPILE_EVENTS = ("/jax/core/compile/backend_compile_duration", "/jax/core/compile/jaxpr_trace_duration")
+
+
+@contextlib.contextmanager
+def count_compilations():
+    """Yields a list that collects every trace and XLA compilation started inside the block."""
+    events = []
+
+    def listener(name, duration, **kwargs):
+        if name in COMPILE_EVENTS:
+            events.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+@pytest.fixture(scope="module")
+def pred(tiny) -> SamPredictor:
+    p = SamPredictor(tiny.model, tiny.params)
+    p.set_image(PHOTO)
+    return p
+
+
+def random_boxes(rng, n, h=H, w=W):
+    xy = rng.uniform(0, 1, (n, 2, 2)) * [w, h]
+    return np.concatenate([xy.min(1), xy.max(1)], axis=1)
+
+
+def assert_close(got, want, conf_logits=None):
+    """Batched vs single calls run different compiled shapes: float noise only."""
+    masks, iou, low = got
+    w_masks, w_iou, w_low = want
+    # 1e-5 x std: rounding noise of a different batch shape, far below any real difference (~1).
+    assert np.max(np.abs(low - w_low)) <= 1e-5 * np.std(w_low)
+    np.testing.assert_allclose(iou, w_iou, rtol=0, atol=1e-5)  # IoU scores are O(1)
+    if masks.dtype != bool:  # full-size logits: same noise bound as the low-res ones
+        assert np.max(np.abs(masks - w_masks)) <= 1e-5 * np.std(w_masks)
+    if conf_logits is not None:  # masks equal wherever the logit is not within noise of 0
+        conf = np.abs(conf_logits) > 1e-3
+        assert np.array_equal(masks[conf] > 0, w_masks[conf] > 0)
+
+
+def test_64_boxes_equal_64_single_calls(pred):
+    boxes = random_boxes(np.random.default_rng(0), 64)
+    got = pred.predict_batch(boxes=boxes)
+    assert got[0].shape == (64, 3, H, W) and got[1].shape == (64, 3) and got[2].shape[:2] == (64, 3)
+    singles = [pred.predict(box=b) for b in boxes]
+    logits = np.stack([pred.predict(box=b, return_logits=True)[0] for b in boxes])
+    assert_close(got, [np.stack(x) for x in zip(*singles)], logits)
+
+
+def test_more_prompts_than_one_chunk(pred):
+    n = F.MAX_PROMPTS_PER_CALL + 6  # two chunks, the second padded to 8
+    boxes = random_boxes(np.random.default_rng(1), n)
+    got = pred.predict_batch(boxes=boxes, multimask_output=False, return_logits=True)
+    want = [np.stack(x) for x in zip(*(pred.predict(box=b, multimask_output=False, return_logits=True)
+                                        for b in boxes[-8:]))]
+    assert_close(tuple(x[-8:] for x in got), want, want[0])
+
+
+def test_ragged_points_boxes_and_masks_equal_single_calls(pred):
+    rng = np.random.default_rng(2)
+    counts = [1, 5, 17, 2]  # 17 points: the 64-slot bucket for the whole batch
+    coords = [rng.uniform(0, 1, (n, 2)) * [W, H] for n in counts]
+    labels = [rng.integers(0, 2, n) for n in counts]
+    boxes = random_boxes(rng, len(counts))
+    prev = pred.predict_batch(coords, labels)[2]  # low-res logits as the next mask prompts
+    masks = prev[:, :1]
+    got = pred.predict_batch(coords, labels, boxes, masks, return_logits=True)
+    want = [np.stack(x) for x in zip(*(pred.predict(c, l, b, m, return_logits=True)
+                                        for c, l, b, m in zip(coords, labels, boxes, masks)))]
+    assert_close(got, want, want[0])
+
+
+def test_pad_label_slots_equal_unpadded(tiny):
+    """Padding with PAD_LABEL leaves the answer unchanged; padding with the official -1 token
+    ("not a point") would change it: that is why buckets pad with PAD_LABEL."""
+    rng = np.random.default_rng(3)
+    emb = jnp.asarray(rng.normal(size=(1, 10, 10, 48)), jnp.float32)
+    coords = jnp.asarray(rng.uniform(0, 160, (2, 3, 2)), jnp.float32)
+    labels = jnp.asarray([[1, 0, 1], [0, 1, 1]], jnp.int32)
+    decode = jax.jit(lambda *a: decode_prompts(tiny.model, tiny.params, emb, *a))
+    want = decode(coords, labels)
+    pad_c = jnp.concatenate([coords, jnp.full((2, 13, 2), 37.0)], axis=1)
+    for fill, same in ((PAD_LABEL, True), (-1, False)):
+        pad_l = jnp.concatenate([labels, jnp.full((2, 13), fill, jnp.int32)], axis=1)
+        got = decode(pad_c, pad_l)
+        err = float(jnp.max(jnp.abs(got[0] - want[0])) / jnp.std(want[0]))
+        # Masked softmax columns are exactly 0: only summation-order noise remains (~1e-7).
+        assert (err <= 1e-5) == same, (fill, err)
+
+
+def test_decode_prompts_inside_user_jit(pred, tiny):
+    """The JAX path: embedding, prompts, decoder and upscaling all on device in one user jit."""
+    pts = np.array([[120.0, 80.0], [30.0, 150.0]])
+    lab = np.array([1, 0])
+    masks, iou, low = pred.predict(pts, lab, return_logits=True)
+    rows, cols = pred.upscale_tables()
+
+    @jax.jit
+    def segment(params, emb, coords, labels):
+        lo, sc = decode_prompts(tiny.model, params, emb, coords, labels)
+        return lo, sc, upscale_masks(lo, rows, cols)
+
+    coords = pred.transform.apply_coords(pts, pred.original_size)[None]
+    lo, sc, full = segment(tiny.params, pred.image_embeddings[0], coords, lab[None])
+    assert isinstance(full, jax.Array)
+    assert_close((np.asarray(full)[0, :, :H, :W], np.asarray(sc)[0], np.asarray(lo)[0]), (masks, iou, low))
+
+
+def test_set_images_equals_one_by_one(tiny):
+    rng = np.random.default_rng(4)
+    photos = [PHOTO, np.ascontiguousarray(skimage.data.astronaut()[::4, ::5]), PHOTO[:90, :40]]
+    many = SamPredictor(tiny.model, tiny.params)
+    many.set_images(photos)
+    one = SamPredictor(tiny.model, tiny.params)
+    assert many.num_images == 3 and many.original_sizes == [p.shape[:2] for p in photos]
+    for i, photo in enumerate(photos):
+        one.set_image(photo)
+        assert many.input_sizes[i] == one.input_size
+        e1, e3 = one.get_image_embedding(), many.get_image_embedding(i)
+        assert np.max(np.abs(e3 - e1)) <= 1e-5 * np.std(e1)  # batch of 3 vs 1: rounding noise
+        box = random_boxes(rng, 1, *photo.shape[:2])[0]
+        assert_close(many.predict(box=box, image_index=i), one.predict(box=box),
+                     one.predict(box=box, return_logits=True)[0])
+
+
+def test_no_recompilation(tiny):
+    """After one warm-up call, 1..16 points and an image of another size compile nothing."""
+    p = SamPredictor(tiny.model, tiny.params)
+    first, second = PHOTO, np.ascontiguousarray(skimage.data.chelsea()[:250, :330])
+    # Different sizes and aspect ratios, same output buckets (sides up to 256 and 368).
+    assert first.shape[:2] != second.shape[:2]
+    assert [F.size_bucket(n) for n in first.shape[:2]] == [F.size_bucket(n) for n in second.shape[:2]]
+    p.set_image(first)
+    p.predict([[10, 10]], [1])
+    rng = np.random.default_rng(5)
+    with count_compilations() as events:
+        for image in (first, second):
+            p.set_image(image)
+            h, w = image.shape[:2]
+            for n in range(1, 17):
+                p.predict(rng.uniform(0, 1, (n, 2)) * [w, h], rng.integers(0, 2, n))
+    assert events == []
+
+
+def test_new_size_bucket_compiles_only_the_upscaling(tiny):
+    p = SamPredictor(tiny.model, tiny.params)
+    p.set_image(PHOTO)
+    p.predict([[10, 10]], [1])
+    decoder_cache = F._decode._cache_size()
+    big = np.ascontiguousarray(np.tile(PHOTO, (3, 1, 1)))  # 600 x 300: a new height bucket
+    with count_compilations() as events:
+        p.set_image(big)
+        p.predict([[10, 10]], [1])
+    assert F._decode._cache_size() == decoder_cache
+    assert events.count(COMPILE_EVENTS[0]) <= 1  # at most the upscaling, once
+
+
+def test_encoder_compiles_once_per_batch_size(tiny):
+    p = SamPredictor(tiny.model, tiny.params)
+    p.set_images([PHOTO, PHOTO[:50]])
+    with count_compilations() as events:
+        p.set_images([PHOTO[:, :70], np.ascontiguousarray(skimage.data.astronaut()[::3, ::3])])
+    assert events == []
+
+
+def test_buckets():
+    assert [F.point_bucket(n) for n in (0, 1, 16, 17, 64, 65, 300)] == [16, 16, 16, 64, 64, 256, 1024]
+    assert [F.prompt_bucket(n) for n in (1, 2, 3, 33, 64)] == [1, 2, 4, 64, 64]
+    sides = list(range(1, 5000, 7))
+    buckets = [F.size_bucket(n) for n in sides]
+    assert all(b >= n and b % 16 == 0 for n, b in zip(sides, buckets))
+    assert all(b <= max(256, 1.42 * n + 16) for n, b in zip(sides, buckets))  # sqrt(2) steps
+    assert len(set(buckets)) <= 12  # few compilations across all sizes up to 5000

@@ -1,0 +1,153 @@
+"""`sam-jax segment` end to end with a tiny converted checkpoint (the `tiny` fixture's file)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+from sam_jax import SamPredictor
+from sam_jax.cli import main as cli_main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PHOTO = np.ascontiguousarray(skimage.data.chelsea()[::2, ::2])  # 150 x 226
+H, W = PHOTO.shape[:2]
+
+
+def sam_jax_cmd():
+    exe = shutil.which("sam-jax")
+    return [exe] if exe else [sys.executable, "-m", "sam_jax.cli"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([*sam_jax_cmd(), "segment", *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def photo_path(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("img") / "cat.png")
+    Image.fromarray(PHOTO).save(path)
+    return path
+
+
+def test_points_round_trip(tiny, photo_path, tmp_path):
+    out = tmp_path / "out"
+    r = run_cli(photo_path, "--weights", tiny.weights, "--point", "100,60", "--point", "20,130:0",
+                "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["size"] == [H, W] and len(report["prompts"]) == 1
+    entry = report["prompts"][0]
+    assert entry["points"] == [[100.0, 60.0, 1], [20.0, 130.0, 0]] and entry["box"] is None
+    pred = SamPredictor(tiny.model, tiny.params)
+    pred.set_image(PHOTO)
+    masks, scores, _ = pred.predict([[100, 60], [20, 130]], [1, 0])
+    logits = pred.predict([[100, 60], [20, 130]], [1, 0], return_logits=True)[0]
+    assert [m["file"] for m in entry["masks"]] == [str(out / f"mask_0_{k}.png") for k in range(3)]
+    for k, m in enumerate(entry["masks"]):
+        png = np.asarray(Image.open(m["file"]))
+        assert png.shape == (H, W) and set(np.unique(png)) <= {0, 255}
+        conf = np.abs(logits[k]) > 1e-3  # another process, same model: equal but for rounding noise
+        assert np.array_equal((png > 0)[conf], masks[k][conf])
+        assert m["score"] == pytest.approx(float(scores[k]), abs=1e-5)
+        assert m["area"] == int((png > 0).sum())
+    assert entry["best"] == int(np.argmax([m["score"] for m in entry["masks"]]))
+    overlay = Image.open(report["overlay"])
+    assert overlay.size == (W, H) and overlay.mode == "RGB"
+    assert not np.array_equal(np.asarray(overlay), PHOTO)  # something was drawn
+
+
+def test_boxes_single_text_output(tiny, photo_path, tmp_path):
+    out = tmp_path / "out"
+    r = run_cli(photo_path, "--weights", tiny.weights, "--box", "10,10,120,100", "--box", "50,20,220,140",
+                "--single", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].startswith("prompt 0 mask 0: score ") and lines[1].startswith("prompt 1 mask 0: score ")
+    assert lines[-1] == f"overlay: {out / 'overlay.png'}"
+    assert sorted(os.listdir(out)) == ["mask_0_0.png", "mask_1_0.png", "overlay.png"]
+
+
+def test_exif_orientation_applied(tiny, tmp_path):
+    """A JPEG stored landscape with orientation 6 (rotate 90 degrees clockwise) is a portrait."""
+    path = str(tmp_path / "rotated.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(PHOTO).save(path, exif=exif)
+    # (20, 200) is inside the displayed W x H = 150 x 226 portrait, outside the stored landscape.
+    r = run_cli(path, "--weights", tiny.weights, "--point", "20,200", "--out", str(tmp_path / "o"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["size"] == [W, H]
+
+
+def test_usage_error_is_one_line_without_traceback(tiny, photo_path, tmp_path):
+    r = run_cli(photo_path, "--weights", tiny.weights, "--point", "1000,10", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("sam-jax segment: error: ")
+    assert "outside" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+USAGE_ERRORS = {
+    "no_prompt": ([], "at least one --point or --box"),
+    "point_three_numbers": (["--point", "1,2,3"], "2 comma-separated numbers"),
+    "point_not_a_number": (["--point", "a,b"], "2 comma-separated numbers"),
+    "point_label_2": (["--point", "1,2:2"], "label"),
+    "point_nan": (["--point", "nan,2"], "2 comma-separated numbers"),
+    "box_three_numbers": (["--box", "1,2,3"], "4 comma-separated numbers"),
+    "box_flipped": (["--box", "50,5,10,20"], "x1 < x0"),
+    "box_outside": (["--box", "0,0,10,1000"], "outside"),
+    "points_with_two_boxes": (["--point", "5,5", "--box", "1,1,9,9", "--box", "2,2,8,8"], "at most one --box"),
+    "unknown_flag": (["--point", "5,5", "--colour", "red"], "unrecognized arguments"),
+    "missing_out": (["--point", "5,5", "--no-out"], "--out"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(USAGE_ERRORS))
+def test_usage_error(case, tiny, photo_path, tmp_path, capsys):
+    extra, match = USAGE_ERRORS[case]
+    args = ["segment", photo_path, "--weights", tiny.weights, *extra]
+    if case != "missing_out":
+        args += ["--out", str(tmp_path / "o")]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("sam-jax segment: error: ") and match in err
+
+
+def test_missing_image(tiny, tmp_path, capsys):
+    assert cli_main(["segment", str(tmp_path / "nope.png"), "--weights", tiny.weights, "--point", "1,1",
+                     "--out", str(tmp_path / "o")]) == 2
+    assert "no such image" in capsys.readouterr().err
+
+
+def test_not_an_image(tiny, tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_text("not a picture")
+    assert cli_main(["segment", str(bad), "--weights", tiny.weights, "--point", "1,1",
+                     "--out", str(tmp_path / "o")]) == 2
+    assert "cannot read image" in capsys.readouterr().err
+
+
+def test_bad_weights_file(photo_path, tmp_path, capsys):
+    bad = tmp_path / "w.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    assert cli_main(["segment", photo_path, "--weights", str(bad), "--point", "1,1",
+                     "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "safetensors" in err
+
+
+def test_out_is_a_file(tiny, photo_path, tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("")
+    assert cli_main(["segment", photo_path, "--weights", tiny.weights, "--point", "1,1", "--out", str(f)]) == 2
+    assert "not a folder" in capsys.readouterr().err
