@@ -20,7 +20,6 @@ import skimage.data
 from PIL import Image
 
 from sam_jax import SamPredictor
-from sam_jax import functional as F
 
 LOGIT_TOL = 1e-4  # x std(reference logits)
 IOU_TOL = 1e-5
@@ -65,6 +64,9 @@ def _count_compiles():
         jax.monitoring.unregister_event_duration_listener(listener)
 
 
+_ENCODED: list = []
+
+
 @pytest.fixture(scope="module", params=sorted(PHOTOS))
 def photo(request, vit_b):
     """(name, image, official predictor, ours, encoder compilations during our set_image,
@@ -75,7 +77,10 @@ def photo(request, vit_b):
     official = OfficialPredictor(vit_b.torch_model)
     official.set_image(image)
     ours = SamPredictor(vit_b.model, vit_b.params)
-    warm = F._encode_split._cache_size() > 0
+    # Only photos after the first one of this module are known to find the vit_b encoder compiled
+    # (the jit cache is shared with other test modules and models, so its size says nothing).
+    warm = bool(_ENCODED)
+    _ENCODED.append(request.param)
     with _count_compiles() as events:
         ours.set_image(image)
     return request.param, image, official, ours, len(events), warm
@@ -154,10 +159,9 @@ def test_embedding(photo):
 def test_set_image_does_not_recompile(photo):
     """Every photo after the first reuses the compiled encoder, whatever its size."""
     _, _, _, _, compiles, warm = photo
-    if warm:
-        assert compiles == 0
-    else:
-        assert compiles >= 1  # the first photo compiled it
+    if not warm:
+        pytest.skip("the module's first photo: the encoder may or may not be compiled yet")
+    assert compiles == 0
 
 
 @pytest.mark.parametrize("photo", ["landscape_400x600"], indirect=True)
