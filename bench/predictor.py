@@ -1,6 +1,7 @@
 """sam_jax `SamPredictor` vs the official PyTorch `SamPredictor`, on the same weights, in one run.
 
-    python bench/predictor.py [--model vit_b] [--repeats 5] [--image coffee] [--json bench/out.json]
+    python bench/predictor.py [--model vit_b] [--repeats 5] [--image coffee] [--torch-threads N]
+                              [--rows ROW ...] [--json bench/predictor_results.json]
 
 Both sides get the same randomised full-size checkpoint: the official model is built and every
 tensor randomised by tests/reference.py, saved as .pth, converted by the real converter
@@ -9,7 +10,9 @@ then sam_jax, `--repeats` times) after one warm-up call per side; the table show
 their ratio. The first sam_jax call of a row (tracing + XLA compilation, for the shapes of that
 row) is reported separately. Rows are a registry: add one with `@row("name")` below.
 
-Not part of the test run: it takes several minutes on a 2-core CPU.
+Not part of the test run: it takes several minutes on a 2-core CPU. Run it on an otherwise idle
+machine: the JSON records the load average before and after, and a busy machine slows torch's
+OpenMP threads far more than XLA's (see --torch-threads).
 """
 
 from __future__ import annotations
@@ -147,9 +150,12 @@ def main(argv=None) -> int:
     p.add_argument("--image", default="coffee", help="a skimage.data photo name (default coffee, 400x600)")
     p.add_argument("--rows", nargs="*", default=list(ROWS), help=f"subset of {list(ROWS)}")
     p.add_argument("--json", default=os.path.join(ROOT, "bench", "predictor_results.json"))
+    p.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1,
+                   help="torch intra-op threads (default: all cores). On a busy machine torch's OpenMP "
+                        "barriers stall when a thread is descheduled: 1 thread is then the fairer baseline")
     args = p.parse_args(argv)
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.torch_threads)
     image = load_image(args.image)
     with tempfile.TemporaryDirectory() as d:
         official, ours = build(args.model, d)

@@ -58,7 +58,7 @@ def test_points_round_trip(tiny, photo_path, tmp_path):
         assert png.shape == (H, W) and set(np.unique(png)) <= {0, 255}
         conf = np.abs(logits[k]) > 1e-3  # another process, same model: equal but for rounding noise
         assert np.array_equal((png > 0)[conf], masks[k][conf])
-        assert m["score"] == pytest.approx(float(scores[k]), abs=1e-5)
+        assert m["score"] == pytest.approx(float(scores[k]), abs=1e-5)  # scores O(1); float32 noise ~1e-7
         assert m["area"] == int((png > 0).sum())
     assert entry["best"] == int(np.argmax([m["score"] for m in entry["masks"]]))
     overlay = Image.open(report["overlay"])
