@@ -1,0 +1,229 @@
+"""Datasets for fine-tuning: folders of images + masks, COCO json, batching and embedding caches.
+
+Host side (numpy + Pillow). A dataset is `Samples`: images resized so their longest side is the
+model input size S and zero-padded to (N, S, S, 3) uint8, their resized (h, w), and per image a
+stack of K_i >= 1 boolean masks in the same S x S model-input frame (padding is background).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+from ..transforms import get_preprocess_shape, pad_to_square, resize_longest_side
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+@dataclasses.dataclass
+class Samples:
+    """images: uint8 (N, S, S, 3) padded RGB; sizes: int (N, 2) resized (h, w); masks: N bool
+    arrays (K_i, S, S) in the model-input frame; names: N identifiers (file stems)."""
+
+    images: np.ndarray
+    sizes: np.ndarray
+    masks: List[np.ndarray]
+    names: List[str]
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[1])
+
+
+def prepare(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], image_size: int,
+            names: Optional[Sequence[str]] = None) -> Samples:
+    """Original uint8 (H, W, 3) images and bool (K, H, W) masks -> `Samples` at input size S.
+
+    Images are resized with Pillow's bilinear (as the official preprocessing), masks with nearest
+    neighbour to the same (h, w); both are padded bottom/right. Images without masks are dropped."""
+    out_i, out_m, sizes, out_n = [], [], [], []
+    for i, (img, m) in enumerate(zip(images, masks)):
+        img, m = np.asarray(img), np.asarray(m, bool)
+        if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+            raise ValueError(f"images[{i}] must be uint8 (H, W, 3), got {img.dtype} {img.shape}")
+        if m.ndim != 3 or m.shape[1:] != img.shape[:2]:
+            raise ValueError(f"masks[{i}] must be (K, H, W) with (H, W) = {img.shape[:2]}, got {m.shape}")
+        m = m[m.reshape(len(m), -1).any(axis=1)]
+        if not len(m):
+            continue
+        h, w = get_preprocess_shape(*img.shape[:2], image_size)
+        resized = [np.asarray(Image.fromarray(x.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 127
+                   for x in m]
+        padded = np.zeros((len(m), image_size, image_size), bool)
+        padded[:, :h, :w] = np.stack(resized)
+        padded = padded[padded.reshape(len(padded), -1).any(axis=1)]
+        if not len(padded):
+            continue
+        out_i.append(pad_to_square(resize_longest_side(img, image_size), image_size))
+        out_m.append(padded)
+        sizes.append((h, w))
+        out_n.append(str(names[i]) if names is not None else str(i))
+    if not out_i:
+        raise ValueError("no image with a non-empty mask")
+    return Samples(np.stack(out_i), np.asarray(sizes, np.int32), out_m, out_n)
+
+
+def _read_rgb(path: str) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _mask_stack(path: str) -> np.ndarray:
+    """A mask PNG -> (K, H, W): a binary image is one object; a label image (several non-zero
+    values) gives one object per value."""
+    with Image.open(path) as im:
+        a = np.asarray(im if im.mode in ("1", "L", "P", "I", "I;16") else im.convert("L")).astype(np.int64)
+    values = [v for v in np.unique(a) if v != 0]
+    if len(values) == 1:
+        return (a != 0)[None]
+    return np.stack([a == v for v in values]) if values else np.zeros((0, *a.shape), bool)
+
+
+def load_mask_folder(images_dir: str, masks_dir: str, image_size: int) -> Samples:
+    """Images in `images_dir`; for image STEM.ext, masks in `masks_dir` as either STEM.png (binary,
+    or one object per non-zero label) or a folder STEM/ of binary PNGs (one object each)."""
+    if not os.path.isdir(images_dir):
+        raise ValueError(f"images_dir: no such folder {images_dir!r}")
+    if not os.path.isdir(masks_dir):
+        raise ValueError(f"masks_dir: no such folder {masks_dir!r}")
+    images, masks, names = [], [], []
+    for fn in sorted(os.listdir(images_dir)):
+        stem, ext = os.path.splitext(fn)
+        if ext.lower() not in IMAGE_EXTS:
+            continue
+        single, folder = os.path.join(masks_dir, stem + ".png"), os.path.join(masks_dir, stem)
+        if os.path.isfile(single):
+            m = _mask_stack(single)
+        elif os.path.isdir(folder):
+            files = sorted(f for f in os.listdir(folder) if f.lower().endswith(".png"))
+            m = np.concatenate([_mask_stack(os.path.join(folder, f)) != 0 for f in files]) if files else None
+        else:
+            continue
+        img = _read_rgb(os.path.join(images_dir, fn))
+        if m is None or m.shape[1:] != img.shape[:2]:
+            raise ValueError(f"masks of {fn} missing or not of the image's size {img.shape[:2]}")
+        images.append(img), masks.append(m), names.append(stem)
+    if not images:
+        raise ValueError(f"no image in {images_dir!r} has a mask in {masks_dir!r}")
+    return prepare(images, masks, image_size, names)
+
+
+def rle_decode(rle: Dict, h: int, w: int) -> np.ndarray:
+    """COCO RLE (counts as a list, or the compressed string) -> bool (h, w). Column-major runs,
+    starting with a run of zeros."""
+    counts = rle["counts"]
+    if isinstance(counts, str):  # COCO's compressed form: 5-bit groups, deltas after the 3rd run
+        runs, i, s = [], 0, counts.encode("ascii")
+        while i < len(s):
+            x, k, more = 0, 0, True
+            while more:
+                c = s[i] - 48
+                x |= (c & 0x1F) << (5 * k)
+                more = bool(c & 0x20)
+                i, k = i + 1, k + 1
+                if not more and (c & 0x10):
+                    x |= -1 << (5 * k)
+            if len(runs) > 2:
+                x += runs[-2]
+            runs.append(x)
+        counts = runs
+    flat = np.zeros(h * w, bool)
+    pos = 0
+    for j, n in enumerate(counts):
+        if j % 2:
+            flat[pos:pos + n] = True
+        pos += n
+    return flat.reshape(w, h).T
+
+
+def load_coco(json_path: str, images_dir: str, image_size: int) -> Samples:
+    """A COCO instances json (polygons or RLE; crowd annotations skipped) + its image folder."""
+    from PIL import ImageDraw
+
+    with open(json_path) as f:
+        coco = json.load(f)
+    anns: Dict[int, list] = {}
+    for a in coco.get("annotations", []):
+        if not a.get("iscrowd", 0):
+            anns.setdefault(a["image_id"], []).append(a)
+    images, masks, names = [], [], []
+    for info in coco.get("images", []):
+        if info["id"] not in anns:
+            continue
+        img = _read_rgb(os.path.join(images_dir, info["file_name"]))
+        h, w = img.shape[:2]
+        stack = []
+        for a in anns[info["id"]]:
+            seg = a["segmentation"]
+            if isinstance(seg, dict):
+                stack.append(rle_decode(seg, h, w))
+            else:
+                canvas = Image.new("L", (w, h), 0)
+                for poly in seg:
+                    ImageDraw.Draw(canvas).polygon([float(v) for v in poly], fill=1)
+                stack.append(np.asarray(canvas) > 0)
+        images.append(img), masks.append(np.stack(stack)), names.append(os.path.splitext(info["file_name"])[0])
+    if not images:
+        raise ValueError(f"{json_path}: no image with a non-crowd annotation")
+    return prepare(images, masks, image_size, names)
+
+
+def sample_masks(rng: np.random.Generator, samples: Samples, indices: np.ndarray,
+                 objects_per_image: int) -> np.ndarray:
+    """For each image index, `objects_per_image` of its masks drawn without replacement when it
+    has enough (with replacement otherwise) -> bool (B, K, S, S)."""
+    out = []
+    for i in indices:
+        m = samples.masks[int(i)]
+        pick = rng.choice(len(m), objects_per_image, replace=len(m) < objects_per_image)
+        out.append(m[pick])
+    return np.stack(out)
+
+
+def cache_embeddings(encode, samples: Samples, batch_size: int = 8, path: Optional[str] = None,
+                     tag: str = "") -> np.ndarray:
+    """Image embeddings (N, h, w, C) float32 of every image, computed once in batches of
+    `batch_size` with `encode(images uint8 (B, S, S, 3), sizes (B, 2)) -> (B, h, w, C)`.
+
+    With `path` (.npz) they are stored and reused on the next call if the file's `tag` (identify
+    the weights and model with it) and image count match."""
+    if path and os.path.isfile(path):
+        with np.load(path) as z:
+            if str(z["tag"]) == tag and len(z["embeddings"]) == len(samples):
+                return z["embeddings"]
+    chunks = []
+    for i in range(0, len(samples), batch_size):
+        imgs, sizes = samples.images[i:i + batch_size], samples.sizes[i:i + batch_size]
+        n = len(imgs)
+        if n < batch_size:  # one compiled shape: pad the last batch
+            imgs = np.concatenate([imgs, np.zeros((batch_size - n, *imgs.shape[1:]), imgs.dtype)])
+            sizes = np.concatenate([sizes, np.ones((batch_size - n, 2), sizes.dtype)])
+        chunks.append(np.asarray(encode(imgs, sizes))[:n])
+    emb = np.concatenate(chunks).astype(np.float32)
+    if path:
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, embeddings=emb, tag=np.array(tag))
+        os.replace(tmp, path)
+    return emb
+
+
+def center_points(masks: np.ndarray) -> np.ndarray:
+    """The point of each (..., H, W) mask farthest from its boundary (the SAM paper's evaluation
+    point) -> (..., 2) float32 (x, y)."""
+    from scipy.ndimage import distance_transform_edt
+
+    flat = masks.reshape(-1, *masks.shape[-2:])
+    pts = np.zeros((len(flat), 2), np.float32)
+    for i, m in enumerate(flat):
+        d = distance_transform_edt(np.pad(m, 1))[1:-1, 1:-1]
+        y, x = np.unravel_index(int(np.argmax(d)), d.shape)
+        pts[i] = (x, y)
+    return pts.reshape(*masks.shape[:-2], 2)

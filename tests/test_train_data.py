@@ -1,0 +1,148 @@
+"""Datasets: synthetic data, mask folders, COCO json (polygons, RLE), embedding cache, centres."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sam_jax.train import data as tdata
+from sam_jax.train.synthetic import HELDOUT_PHOTOS, TRAIN_PHOTOS, synthetic_sample
+
+
+def test_synthetic_is_deterministic_and_disjoint():
+    img, masks = synthetic_sample(3, 96, seed=1)
+    img2, masks2 = synthetic_sample(3, 96, seed=1)
+    assert img.shape == (96, 96, 3) and img.dtype == np.uint8 and masks.dtype == bool
+    assert np.array_equal(img, img2) and np.array_equal(masks, masks2)
+    assert not np.array_equal(img, synthetic_sample(4, 96, seed=1)[0])
+    assert masks.shape[0] >= 1 and masks.reshape(len(masks), -1).any(axis=1).all()
+    assert masks.sum(axis=0).max() <= 1  # visible parts never overlap
+    assert not set(TRAIN_PHOTOS) & set(HELDOUT_PHOTOS)
+    with pytest.raises(ValueError, match="split"):
+        synthetic_sample(0, 64, split="test")
+
+
+def test_prepare_resizes_and_pads():
+    img = np.zeros((30, 60, 3), np.uint8)
+    m = np.zeros((2, 30, 60), bool)
+    m[0, 5:15, 10:30] = True
+    m[1, 20:30, 40:60] = True
+    s = tdata.prepare([img], [m], 32)
+    assert s.images.shape == (1, 32, 32, 3) and tuple(s.sizes[0]) == (16, 32)
+    assert s.masks[0].shape == (2, 32, 32) and not s.masks[0][:, 16:].any()  # padding is background
+    np.testing.assert_array_equal(np.argwhere(s.masks[0][0]).min(0), [3, 5])  # 5 * 16/30, 10 * 32/60
+    with pytest.raises(ValueError, match="masks\\[0\\]"):
+        tdata.prepare([img], [m[:, :10]], 32)
+    with pytest.raises(ValueError, match="no image"):
+        tdata.prepare([img], [np.zeros_like(m)], 32)
+
+
+def _write_rgb(path, h=40, w=50):
+    Image.fromarray(np.random.RandomState(0).randint(0, 255, (h, w, 3), np.uint8)).save(path)
+
+
+def test_mask_folder_label_png_and_subfolder(tmp_path):
+    (tmp_path / "img").mkdir(), (tmp_path / "msk").mkdir(), (tmp_path / "msk" / "b").mkdir()
+    _write_rgb(tmp_path / "img" / "a.jpg"), _write_rgb(tmp_path / "img" / "b.png")
+    _write_rgb(tmp_path / "img" / "unlabelled.png")
+    labels = np.zeros((40, 50), np.uint8)
+    labels[2:10, 2:10], labels[20:30, 20:40] = 1, 7
+    Image.fromarray(labels).save(tmp_path / "msk" / "a.png")
+    for i, sl in enumerate([np.s_[0:5, 0:5], np.s_[10:40, 10:20]]):
+        binary = np.zeros((40, 50), np.uint8)
+        binary[sl] = 255
+        Image.fromarray(binary).save(tmp_path / "msk" / "b" / f"{i}.png")
+    s = tdata.load_mask_folder(str(tmp_path / "img"), str(tmp_path / "msk"), 50)
+    assert s.names == ["a", "b"] and [len(m) for m in s.masks] == [2, 2]
+    assert s.masks[0][0].sum() == 64 and s.masks[1][1].sum() == 300  # same size: nothing resampled
+    with pytest.raises(ValueError, match="masks_dir"):
+        tdata.load_mask_folder(str(tmp_path / "img"), str(tmp_path / "nope"), 50)
+
+
+def _runs(m: np.ndarray) -> list:
+    """Uncompressed COCO RLE counts: column-major runs, starting with zeros."""
+    flat = m.T.reshape(-1).astype(np.uint8)
+    runs, cur, n = [], 0, 0
+    for v in flat:
+        if v != cur:
+            runs.append(n)
+            cur, n = v, 0
+        n += 1
+    runs.append(n)
+    return runs
+
+
+def _rle_encode_compressed(m: np.ndarray) -> str:
+    """COCO's compressed RLE string (pycocotools' rleToString), written independently."""
+    runs = _runs(m)
+    out = []
+    for i, x in enumerate(runs):
+        if i > 2:
+            x -= runs[i - 2]
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5
+            more = not ((c & 0x10) == 0 and x == 0 or (c & 0x10) and x == -1)
+            if more:
+                c |= 0x20
+            out.append(chr(c + 48))
+    return "".join(out)
+
+
+def test_coco_polygons_and_rle(tmp_path):
+    _write_rgb(tmp_path / "x.png", 40, 50)
+    rs = np.random.RandomState(3)
+    blob = np.zeros((40, 50), bool)
+    blob[rs.randint(0, 40, 300), rs.randint(0, 50, 300)] = True  # many short runs: deltas < 0 too
+    square = np.zeros((40, 50), bool)
+    square[10:20, 5:25] = True
+    uncompressed = {"size": [40, 50], "counts": _runs(square[::-1])}
+    coco = {"images": [{"id": 1, "file_name": "x.png", "height": 40, "width": 50}],
+            "annotations": [
+                {"image_id": 1, "iscrowd": 0, "segmentation": [[5, 10, 25, 10, 25, 20, 5, 20]]},
+                {"image_id": 1, "iscrowd": 0, "segmentation": {"size": [40, 50], "counts": _rle_encode_compressed(blob)}},
+                {"image_id": 1, "iscrowd": 0, "segmentation": uncompressed},
+                {"image_id": 1, "iscrowd": 1, "segmentation": [[0, 0, 10, 0, 10, 10]]}]}
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(coco))
+    s = tdata.load_coco(str(path), str(tmp_path), 50)
+    assert len(s.masks[0]) == 3  # the crowd annotation is skipped
+    np.testing.assert_array_equal(s.masks[0][1, :40], blob)
+    poly = s.masks[0][0, :40]
+    assert poly[12:18, 7:23].all() and not poly[:8].any()  # PIL fills the polygon (edges inclusive)
+    np.testing.assert_array_equal(s.masks[0][2, :40], square[::-1])
+    assert _runs(square)[:3] == [5 * 40 + 10, 10, 30]  # the helper's layout: column-major, zeros first
+
+
+def test_center_points_and_sample_masks():
+    m = np.zeros((2, 20, 30), bool)
+    m[0, 2:9, 3:10] = True
+    m[1, 10:20, 0:30] = True
+    pts = tdata.center_points(m)
+    np.testing.assert_array_equal(pts[0], [6, 5])
+    assert m[1, int(pts[1, 1]), int(pts[1, 0])]
+    s = tdata.Samples(np.zeros((1, 20, 20, 3), np.uint8), np.array([[20, 20]]), [m[:, :, :20]], ["a"])
+    out = tdata.sample_masks(np.random.default_rng(0), s, np.array([0, 0]), 3)
+    assert out.shape == (2, 3, 20, 20)
+
+
+def test_cache_embeddings_reuses_matching_file(tmp_path):
+    s = tdata.Samples(np.zeros((5, 8, 8, 3), np.uint8), np.full((5, 2), 8), [np.ones((1, 8, 8), bool)] * 5,
+                      list("abcde"))
+    calls = []
+
+    def encode(images, sizes):
+        calls.append(len(images))
+        return np.full((len(images), 2, 2, 4), float(len(calls)), np.float32)
+
+    path = str(tmp_path / "emb.npz")
+    e1 = tdata.cache_embeddings(encode, s, batch_size=2, path=path, tag="w1")
+    assert calls == [2, 2, 2] and e1.shape == (5, 2, 2, 4)  # last batch padded to 2, cut back
+    e2 = tdata.cache_embeddings(encode, s, batch_size=2, path=path, tag="w1")
+    assert len(calls) == 3 and np.array_equal(e1, e2)  # reused
+    tdata.cache_embeddings(encode, s, batch_size=2, path=path, tag="w2")
+    assert len(calls) == 6  # other weights: recomputed
