@@ -1,8 +1,11 @@
 """python -m convert SRC DST.safetensors [--model-type auto|vit_b|vit_l|vit_h]
 python -m convert --to hf SRC OUT_DIR
+python -m convert --to pytorch PARAMS.safetensors OUT.pth
 
 SRC: an official checkpoint (.pth), a Hugging Face folder (config.json + model.safetensors) or
-model.safetensors file, or (with --to hf) a sam_jax .safetensors file. The key names tell the layout.
+model.safetensors file, or (with --to hf / --to pytorch) a sam_jax .safetensors file, e.g.
+fine-tuned params. The key names tell the layout. `--to pytorch` writes an official-format state
+dict that `segment_anything.sam_model_registry[...](checkpoint=OUT.pth)` loads strictly.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import time
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 MODEL_TYPES = ("auto", "vit_b", "vit_l", "vit_h", "default")
-TARGETS = ("sam_jax", "hf")
+TARGETS = ("sam_jax", "hf", "pytorch")
 
 
 class UsageError(Exception):
@@ -31,14 +34,17 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(prog: str = "python -m convert") -> argparse.ArgumentParser:
     p = _Parser(prog=prog, description="Convert an official SAM checkpoint (.pth) or Hugging Face "
                                        "SAM weights into a sam_jax .safetensors file, or sam_jax "
-                                       "weights into a Hugging Face folder (--to hf).")
+                                       "weights into a Hugging Face folder (--to hf) or an official "
+                                       "PyTorch .pth (--to pytorch).")
     p.add_argument("src", help="sam_vit_b_01ec64.pth, a Hugging Face folder or model.safetensors, "
-                               "or (--to hf) a sam_jax .safetensors file")
-    p.add_argument("dst", help="output: sam_vit_b.safetensors, or a folder with --to hf")
+                               "or (--to hf / pytorch) a sam_jax .safetensors file")
+    p.add_argument("dst", help="output: sam_vit_b.safetensors, a folder with --to hf, "
+                               "or OUT.pth with --to pytorch")
     p.add_argument("--model-type", default="auto", choices=MODEL_TYPES,
                    help="model size; 'auto' (default) detects it from the tensor shapes")
     p.add_argument("--to", default="sam_jax", choices=TARGETS,
-                   help="output format: sam_jax (default) or hf (config.json + model.safetensors)")
+                   help="output format: sam_jax (default), hf (config.json + model.safetensors) "
+                        "or pytorch (official state dict .pth)")
     return p
 
 
@@ -79,8 +85,11 @@ def run(args: argparse.Namespace) -> int:
     from .hf import export_hf
     from .official import describe
 
-    to_hf = args.to == "hf"
-    if not to_hf and not str(args.dst).endswith(".safetensors"):
+    to_hf, to_pt = args.to == "hf", args.to == "pytorch"
+    if to_pt and not str(args.dst).endswith(".pth"):
+        print(f"error: with --to pytorch, DST must end in .pth, got {args.dst!r}", file=sys.stderr)
+        return 2
+    if args.to == "sam_jax" and not str(args.dst).endswith(".safetensors"):
         print(f"error: DST must end in .safetensors, got {args.dst!r}", file=sys.stderr)
         return 2
     if to_hf and (str(args.dst).endswith(".safetensors") or os.path.isfile(args.dst)):
@@ -91,6 +100,10 @@ def run(args: argparse.Namespace) -> int:
         cfg, params = load_source(args.src, args.model_type)
         if to_hf:
             export_hf(params, cfg, args.dst)
+        elif to_pt:
+            from .pytorch_export import export_pth
+
+            export_pth(params, args.dst, cfg)
         else:
             save(args.dst, params, cfg)
     except ConversionError as e:
@@ -105,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     flat = flatten_params(params)
     n = sum(int(np.size(v)) for v in flat.values())
     out = f"{args.dst} (config.json, model.safetensors)" if to_hf else args.dst
-    print(f"{'exported' if to_hf else 'converted'} {describe(cfg)}: {len(flat)} tensors, "
+    print(f"{'exported' if to_hf or to_pt else 'converted'} {describe(cfg)}: {len(flat)} tensors, "
           f"{n / 1e6:.1f} M values -> {out} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
