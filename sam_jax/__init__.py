@@ -17,3 +17,8 @@ from .functional import decode_prompts, encode_images, prepare_images  # noqa: E
 from .predictor import SamPredictor  # noqa: E402
 
 __all__ += ["SamPredictor", "decode_prompts", "encode_images", "prepare_images"]
+
+# Automatic mask generation (issue 4): the official SamAutomaticMaskGenerator on the device.
+from .amg import SamAutomaticMaskGenerator  # noqa: E402
+
+__all__ += ["SamAutomaticMaskGenerator"]
