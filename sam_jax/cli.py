@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
-USAGE = "usage: sam-jax {convert,segment} ...  (sam-jax COMMAND --help for details)"
+USAGE = "usage: sam-jax {convert,segment,amg} ...  (sam-jax COMMAND --help for details)"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -25,6 +25,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .segment_cli import main as segment_main
 
         return segment_main(rest, prog="sam-jax segment")
+    if cmd == "amg":
+        from .amg_cli import main as amg_main
+
+        return amg_main(rest, prog="sam-jax amg")
     print(f"sam-jax: error: unknown command {cmd!r}; {USAGE}", file=sys.stderr)
     return 2
 
