@@ -1,0 +1,78 @@
+"""Smoke runs of examples/finetune.py on tiny settings: outputs, resume, folder data."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import sam_jax
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+sys.path.insert(0, EXAMPLES)
+
+# One-round episodes: compiling the step dominates these runs (the interactive rounds are tested
+# in test_train_prompts; bitwise resume at the library level in test_train_checkpoint).
+COMMON = ["--batch-size", "2", "--objects", "2", "--corrective-points", "0",
+          "--no-point-rounds", "0", "--box-prob", "0", "--eval-every", "2", "--checkpoint-every", "2",
+          "--warmup", "1", "--lr", "1e-3", "--no-progress"]
+
+
+def _run(argv):
+    from finetune import main
+
+    return main(argv)
+
+
+def test_synthetic_stop_and_resume(tmp_path, tiny):
+    """A run stopped at step 2 (after its checkpoint) and resumed: the history continues, the
+    outputs are written once the last step is done."""
+    pytest.importorskip("orbax.checkpoint")
+    base = COMMON + ["--weights", tiny.weights, "--synthetic", "6", "--heldout", "2", "--steps", "4",
+                     "--out", str(tmp_path)]
+    hist = _run(base + ["--stop-after", "2", "--no-plots"])
+    assert len(hist["loss"]) == 2 and not (tmp_path / "params.safetensors").exists()
+    assert (tmp_path / "train_embeddings.npz").exists()  # frozen encoder: embeddings cached once
+    plots = [] if _has_matplotlib() else ["--no-plots"]
+    resumed = _run(base + ["--resume"] + plots)
+    assert resumed["loss"][:2] == hist["loss"] and len(resumed["loss"]) == 4
+    assert resumed["eval_step"] == [2, 4] and all(np.isfinite(resumed["loss"]))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert 0.0 <= summary["heldout_iou"] <= 1.0 and summary["heldout_masks"] >= 2
+    if not plots:
+        assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "overlays.png").stat().st_size > 0
+    model, _ = sam_jax.load(tmp_path / "params.safetensors")
+    assert model.config == sam_jax.get_config("tiny")
+
+
+def test_folder_data(tmp_path, tiny):
+    """A folder of non-square images with label PNGs. (LoRA / full fine-tuning through the same
+    step are tested in test_train_step; merging LoRA before export in test_train_export.)"""
+    from sam_jax.train.synthetic import synthetic_sample
+
+    (tmp_path / "images").mkdir(), (tmp_path / "masks").mkdir()
+    for i in range(4):
+        img, masks = synthetic_sample(i, 120, seed=3)
+        Image.fromarray(img[:, :100]).save(tmp_path / "images" / f"im{i}.jpg")  # not square
+        labels = np.zeros(masks.shape[1:], np.uint8)
+        for j, m in enumerate(masks):
+            labels[m] = j + 1
+        Image.fromarray(labels[:, :100]).save(tmp_path / "masks" / f"im{i}.png")
+    out = tmp_path / "run"
+    hist = _run(COMMON + ["--weights", tiny.weights, "--images", str(tmp_path / "images"), "--masks", str(tmp_path / "masks"),
+                          "--steps", "2", "--val-fraction", "0.25", "--out", str(out), "--no-plots"])
+    assert len(hist["loss"]) == 2 and np.isfinite(hist["loss"]).all()
+    model, _ = sam_jax.load(out / "params.safetensors")
+    assert model.config == sam_jax.get_config("tiny")
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
