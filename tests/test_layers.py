@@ -36,6 +36,14 @@ def test_conv_transpose_layout():
     # The plain (kh, kw, in, out) transpose is the trap: it must NOT pass the same check.
     naive = run(w.transpose(2, 3, 0, 1))
     assert np.abs(naive - ref).max() > 1e-2
+    # The mask decoder's matmul form of the same layer, on the same parameters, output in its
+    # blocked layout (b, h, w, a, b', C) = pixel (2h + a, 2w + b').
+    from sam_jax.modeling.mask_decoder import _ConvTranspose2x2
+
+    blocked = np.asarray(_ConvTranspose2x2(8, 5).apply(
+        {"params": {"kernel": _to_flax_layout(module, "kernel", w), "bias": t.bias.detach().numpy()}}, x))
+    assert blocked.shape == (2, 7, 9, 2, 2, 5)
+    np.testing.assert_allclose(blocked.transpose(0, 1, 3, 2, 4, 5).reshape(ref.shape), ref, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("eps", [SAM_LN_EPS, TORCH_LN_EPS])
@@ -118,3 +126,34 @@ def test_chunked_rel_pos_attention_equals_full(chunk_rows):
     np.testing.assert_allclose(got, full, rtol=0, atol=1e-5)  # same math, other matmul blocking
     with pytest.raises(ValueError, match="must divide"):
         rel_pos_attention(q, k, v, rel_h, rel_w, 5)
+
+
+@pytest.mark.parametrize("plan", ["standard", "few_queries", "few_keys"])
+@pytest.mark.parametrize("n_q,n_k", [(7, 300), (300, 7)])
+def test_decoder_attention_orders_match_official(plan, n_q, n_k):
+    """Every order of products `Attention` may pick equals the official module (random weights
+    and biases), and a masked key equals a key that is not there at all."""
+    from segment_anything.modeling.transformer import Attention as OfficialAttention
+
+    from sam_jax.modeling.transformer import Attention
+
+    torch.manual_seed(0)
+    ref = OfficialAttention(64, 4, downsample_rate=2)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.2)
+    params = {name: {"kernel": getattr(ref, name).weight.detach().numpy().T,
+                     "bias": getattr(ref, name).bias.detach().numpy()}
+              for name in ("q_proj", "k_proj", "v_proj", "out_proj")}
+    q, k, v = (RNG.randn(2, n, 64).astype(np.float32) for n in (n_q, n_k, n_k))
+    ours = Attention(64, 4, downsample_rate=2, plan=plan)
+    valid = np.ones((2, n_k), bool)
+    valid[0, n_k // 2:] = False  # batch 0 sees only the first half of its keys
+    with torch.no_grad():
+        want = [ref(*(torch.from_numpy(x[i:i + 1]) for x in (q, k[:, keep], v[:, keep]))).numpy()
+                for i, keep in enumerate([slice(0, n_k // 2), slice(None)])]
+    got = np.asarray(ours.apply({"params": params}, q, k, v, valid))
+    # fp32 with the sums taken in another order: a few ulps of values of size ~10.
+    np.testing.assert_allclose(got, np.concatenate(want), rtol=0, atol=2e-5 * np.abs(want[1]).max())
+    with pytest.raises(ValueError, match="plan must be"):
+        Attention(64, 4, downsample_rate=2, plan="fast").apply({"params": params}, q, k, v)

@@ -29,8 +29,9 @@ def layer_norm(eps: float, name: str, dtype: Dtype = None) -> nn.LayerNorm:
 
 
 def gelu(x: jax.Array) -> jax.Array:
-    """torch.nn.GELU(): the exact erf form, not Flax's tanh default."""
-    return nn.gelu(x, approximate=False)
+    """torch.nn.GELU(): the exact erf form, not Flax's tanh default, written as torch computes
+    it (x/2 (1 + erf(x/sqrt 2))); `nn.gelu(approximate=False)` goes through erfc, ~3x slower on CPU."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
 
 
 class MLPBlock(nn.Module):

@@ -68,13 +68,13 @@ class MaskDecoder(nn.Module):
         mask_tokens_out = hs[:, 1:1 + n_mask]
 
         x = src.reshape(b, hh, ww, c)
-        # Kernel 2, stride 2: the official ConvTranspose2d; the converter flips the kernel.
-        x = nn.ConvTranspose(c // 4, (2, 2), strides=(2, 2), padding="VALID", dtype=self.dtype,
-                             name="output_upscaling_0")(x)
+        # The two ConvTranspose2d(kernel 2, stride 2) of the official output_upscaling: their taps
+        # do not overlap, so each is a matmul to 2x2 output pixels per input pixel. The pixels stay
+        # in that blocked layout, (b, h, w, a, b', a2, b2, C/8) = pixel (4h + 2a + a2, 4w + 2b' + b2),
+        # until the final product with the hypernetwork vectors, which interleaves only M masks.
+        x = _ConvTranspose2x2(c, c // 4, self.dtype, name="output_upscaling_0")(x)  # (b, h, w, 2, 2, C/4)
         x = gelu(layer_norm(SAM_LN_EPS, "output_upscaling_1", self.dtype)(x))
-        x = nn.ConvTranspose(c // 8, (2, 2), strides=(2, 2), padding="VALID", dtype=self.dtype,
-                             name="output_upscaling_3")(x)
-        upscaled = gelu(x)  # (B, 4h, 4w, C/8)
+        upscaled = gelu(_ConvTranspose2x2(c // 4, c // 8, self.dtype, name="output_upscaling_3")(x))
 
         hyper_in = jnp.stack([
             MLP(c, c // 8, 3, dtype=self.dtype, name=f"output_hypernetworks_mlps_{i}")(mask_tokens_out[:, i])
@@ -83,5 +83,23 @@ class MaskDecoder(nn.Module):
                        name="iou_prediction_head")(iou_token_out)
 
         sl = slice(1, None) if multimask_output else slice(0, 1)
-        masks = jnp.einsum("bmc,bhwc->bmhw", hyper_in[:, sl], upscaled.astype(hyper_in.dtype))
-        return masks, iou_pred[:, sl]
+        masks = jnp.einsum("bmc,bhwikjlc->bmhijwkl", hyper_in[:, sl], upscaled.astype(hyper_in.dtype))
+        return masks.reshape(*masks.shape[:2], 4 * hh, 4 * ww), iou_pred[:, sl]
+
+
+class _ConvTranspose2x2(nn.Module):
+    """`nn.ConvTranspose(features, (2, 2), strides=(2, 2), padding="VALID")` (same parameters)
+    written as a matmul: (..., C_in) -> (..., 2, 2, features), where [..., a, b, :] is output
+    pixel (2i + a, 2j + b). Flax applies its kernel spatially flipped (the converter stores
+    torch's weight that way), hence the [::-1, ::-1]."""
+
+    in_features: int
+    features: int
+    dtype: Dtype = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (2, 2, self.in_features, self.features))
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return jnp.einsum("...c,abco->...abo", x, kernel[::-1, ::-1]) + bias

@@ -11,34 +11,109 @@ import jax.numpy as jnp
 from .common import TORCH_LN_EPS, Dtype, MLPBlock, layer_norm
 
 
+class _DenseParams(nn.Module):
+    """An `nn.Dense`'s parameters (same names, shapes and initialisers), returned, not applied:
+    `Attention` needs the matrices themselves to choose the order of its products."""
+
+    in_features: int
+    features: int
+
+    @nn.compact
+    def __call__(self) -> Tuple[jax.Array, jax.Array]:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (self.in_features, self.features))
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        return kernel, bias
+
+
+def attention_plan(n_q: int, n_k: int, dim: int, internal: int, heads: int) -> str:
+    """Which order of products `Attention` uses for n_q queries and n_k keys: "standard",
+    "few_queries" or "few_keys" -- the one with the fewest multiply-adds (see `Attention`)."""
+    hd = internal // heads
+    proj = n_q * dim * internal + 2 * n_k * dim * internal + n_q * internal * dim
+    cost = {
+        "standard": proj + 2 * n_q * n_k * internal,
+        # q projected; keys/values stay `dim` wide: scores and the weighted sum cost n_k*dim per
+        # (query, head); the value and output projections then act on n_q*heads vectors.
+        "few_queries": (n_q * dim * internal + n_q * heads * hd * dim + 2 * n_k * dim * n_q * heads
+                        + n_q * heads * dim * hd + n_q * internal * dim),
+        # k, v projected; queries stay `dim` wide; the output projection is folded into the values.
+        "few_keys": (2 * n_k * dim * internal + n_k * heads * hd * dim + n_k * heads * hd * dim
+                     + 2 * n_q * dim * n_k * heads),
+    }
+    return min(cost, key=cost.get)
+
+
 class Attention(nn.Module):
-    """Multi-head attention whose projections may shrink the width by `downsample_rate`."""
+    """Multi-head attention whose projections may shrink the width by `downsample_rate`.
+
+    The decoder attends 4096 image tokens to / from a handful of prompt tokens. When one side is
+    that small, projecting the big side is most of the work, and the products can be reassociated
+    so the big side is never projected (exact algebra; only float rounding differs):
+      few queries (token -> image): scores = k_in . (W_k q) + q . b_k, and
+        out = (sum_n a_n v_in_n) W_v + b_v (the attention weights sum to 1);
+      few keys (image -> token): scores = q_in . (W_q k) + b_q . k, and
+        out = sum_t a_t (v_t W_o) + b_o.
+    `attention_plan` picks the order with the fewest multiply-adds from the static shapes;
+    `plan` forces one (tests compare them).
+    """
 
     embedding_dim: int
     num_heads: int
     downsample_rate: int = 1
     dtype: Dtype = None
+    plan: Optional[str] = None
 
     @nn.compact
     def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array,
                  key_valid: Optional[jax.Array] = None) -> jax.Array:
         """q (B, Nq, C), k and v (B, Nk, C); key_valid (B, Nk) bool masks keys out when False."""
-        internal = self.embedding_dim // self.downsample_rate
-        hd = internal // self.num_heads
-        q = nn.Dense(internal, dtype=self.dtype, name="q_proj")(q)
-        k = nn.Dense(internal, dtype=self.dtype, name="k_proj")(k)
-        v = nn.Dense(internal, dtype=self.dtype, name="v_proj")(v)
-        q = q.reshape(*q.shape[:2], self.num_heads, hd)
-        k = k.reshape(*k.shape[:2], self.num_heads, hd)
-        v = v.reshape(*v.shape[:2], self.num_heads, hd)
-        # The official code divides the scores after q.k (not q before): keep that order.
-        attn = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.asarray(hd, q.dtype))
-        attn = attn.astype(jnp.float32)
-        if key_valid is not None:
-            attn = jnp.where(key_valid[:, None, None, :], attn, jnp.finfo(jnp.float32).min)
-        attn = jax.nn.softmax(attn, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(q.shape[0], q.shape[1], internal)
-        return nn.Dense(self.embedding_dim, dtype=self.dtype, name="out_proj")(out)
+        c, heads = self.embedding_dim, self.num_heads
+        internal = c // self.downsample_rate
+        hd = internal // heads
+        wq, bq = _DenseParams(c, internal, name="q_proj")()
+        wk, bk = _DenseParams(c, internal, name="k_proj")()
+        wv, bv = _DenseParams(c, internal, name="v_proj")()
+        wo, bo = _DenseParams(internal, c, name="out_proj")()
+        q, k, v, wq, bq, wk, bk, wv, bv, wo, bo = nn.dtypes.promote_dtype(
+            q, k, v, wq, bq, wk, bk, wv, bv, wo, bo, dtype=self.dtype)
+        b, n_q, n_k = q.shape[0], q.shape[1], k.shape[1]
+        scale = jnp.sqrt(jnp.asarray(hd, q.dtype))
+        plan = self.plan or attention_plan(n_q, n_k, c, internal, heads)
+        if plan not in ("standard", "few_queries", "few_keys"):
+            raise ValueError(f"plan must be 'standard', 'few_queries' or 'few_keys', got {plan!r}")
+
+        def softmax(scores, valid):  # scores (..., Nk) with `valid` broadcastable to them
+            scores = scores.astype(jnp.float32)
+            if valid is not None:
+                scores = jnp.where(valid, scores, jnp.finfo(jnp.float32).min)
+            return jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+
+        if plan == "few_queries":
+            qh = (q @ wq + bq).reshape(b, n_q, heads, hd)
+            g = jnp.einsum("bthd,chd->bthc", qh, wk.reshape(c, heads, hd)).reshape(b, n_q * heads, c)
+            shift = jnp.einsum("bthd,hd->bth", qh, bk.reshape(heads, hd)).reshape(b, n_q * heads, 1)
+            # The official code divides the scores after q.k (not q before): keep that order.
+            scores = (jnp.einsum("bmc,bnc->bmn", g, k) + shift) / scale
+            a = softmax(scores, None if key_valid is None else key_valid[:, None, :])
+            z = (a @ v).reshape(b, n_q, heads, c)
+            out = jnp.einsum("bthc,chd->bthd", z, wv.reshape(c, heads, hd)) + bv.reshape(heads, hd)
+            return out.reshape(b, n_q, internal) @ wo + bo
+        if plan == "few_keys":
+            kh = (k @ wk + bk).reshape(b, n_k, heads, hd)
+            vh = (v @ wv + bv).reshape(b, n_k, heads, hd)
+            g = jnp.einsum("bthd,chd->bcht", kh, wq.reshape(c, heads, hd)).reshape(b, c, heads * n_k)
+            shift = jnp.einsum("bthd,hd->bht", kh, bq.reshape(heads, hd)).reshape(b, 1, heads * n_k)
+            scores = ((q @ g + shift) / scale).reshape(b, n_q, heads, n_k)
+            a = softmax(scores, None if key_valid is None else key_valid[:, None, None, :])
+            u = jnp.einsum("bthd,hdc->bhtc", vh, wo.reshape(heads, hd, c)).reshape(b, heads * n_k, c)
+            return a.reshape(b, n_q, heads * n_k) @ u + bo
+        qh = (q @ wq + bq).reshape(b, n_q, heads, hd)
+        kh = (k @ wk + bk).reshape(b, n_k, heads, hd)
+        vh = (v @ wv + bv).reshape(b, n_k, heads, hd)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", qh, kh) / scale
+        a = softmax(scores, None if key_valid is None else key_valid[:, None, None, :])
+        out = jnp.einsum("bhqk,bkhd->bqhd", a, vh).reshape(b, n_q, internal)
+        return out @ wo + bo
 
 
 class TwoWayAttentionBlock(nn.Module):
