@@ -15,7 +15,7 @@ import numpy as np
 from . import inputs
 from .build import Params
 from .functional import (MAX_PROMPTS_PER_CALL, Tables, _decode, _dense_pe, _encode_split, _pad_rows,
-                         _upscale, point_bucket, prepare_images, prompt_bucket, size_bucket)
+                         _upscale, decoder_params, point_bucket, prepare_images, prompt_bucket, size_bucket)
 from .modeling import PAD_LABEL, Sam
 from .transforms import ResizeLongestSide, mask_upscale_taps
 
@@ -45,6 +45,7 @@ class SamPredictor:
         self.low_res_size = model.config.mask_input_size
         self.transform = ResizeLongestSide(self.image_size)
         self._image_pe = _dense_pe(model, params)
+        self._decoder_params = decoder_params(params)
         self.reset_image()
 
     # --- images ---
@@ -245,8 +246,8 @@ class SamPredictor:
                 chunk_masks = _pad_rows(masks[start:stop], n)
             if points is None and boxes is None and masks is None:
                 n = 1  # no prompt at all: the decoder's own batch of one, as officially
-            low, iou = _decode(self.model, self.params, self._embeddings[i], coords, labels, chunk_boxes,
-                               chunk_masks, multimask_output=multimask, image_pe=self._image_pe)
+            low, iou = _decode(self.model, self._decoder_params, self._embeddings[i], coords, labels,
+                               chunk_boxes, chunk_masks, multimask_output=multimask, image_pe=self._image_pe)
             rows, cols = self._tables[i]
             full = _upscale(low, rows, cols, return_logits=return_logits)
             k = stop - start

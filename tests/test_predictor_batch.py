@@ -149,8 +149,8 @@ def test_set_images_equals_one_by_one(tiny):
 
 
 def test_no_recompilation(tiny):
-    """After warm-up (one call per point bucket: 1..4 and 5..16 points), 1..16 points and an image
-    of another size compile nothing."""
+    """After warm-up (one call per point bucket: 1, 2..4 and 5..16 points), 1..16 points and an
+    image of another size compile nothing."""
     p = SamPredictor(tiny.model, tiny.params)
     first, second = PHOTO, np.ascontiguousarray(skimage.data.chelsea()[:250, :330])
     # Different sizes and aspect ratios, same output buckets (sides up to 256 and 368).
@@ -158,6 +158,7 @@ def test_no_recompilation(tiny):
     assert [F.size_bucket(n) for n in first.shape[:2]] == [F.size_bucket(n) for n in second.shape[:2]]
     p.set_image(first)
     p.predict([[10, 10]], [1])
+    p.predict([[10, 10]] * 4, [1] * 4)
     p.predict([[10, 10]] * 16, [1] * 16)
     rng = np.random.default_rng(5)
     with count_compilations() as events:
@@ -191,7 +192,7 @@ def test_encoder_compiles_once_per_batch_size(tiny):
 
 
 def test_buckets():
-    assert [F.point_bucket(n) for n in (0, 1, 4, 5, 16, 17, 64, 65, 300)] == [4, 4, 4, 16, 16, 64, 64, 256, 1024]
+    assert [F.point_bucket(n) for n in (0, 1, 4, 5, 16, 17, 64, 65, 300)] == [1, 1, 4, 16, 16, 64, 64, 256, 1024]
     assert [F.prompt_bucket(n) for n in (1, 2, 3, 33, 64)] == [1, 2, 4, 64, 64]
     sides = list(range(1, 5000, 7))
     buckets = [F.size_bucket(n) for n in sides]
