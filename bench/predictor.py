@@ -1,14 +1,18 @@
 """sam_jax `SamPredictor` vs the official PyTorch `SamPredictor`, on the same weights, in one run.
 
     python bench/predictor.py [--model vit_b] [--repeats 5] [--image coffee] [--torch-threads N]
-                              [--rows ROW ...] [--json bench/predictor_results.json]
+                              [--rows ROW ...] [--json bench/predictor_results.json] [--no-memory]
 
 Both sides get the same randomised full-size checkpoint: the official model is built and every
 tensor randomised by tests/reference.py, saved as .pth, converted by the real converter
 (`python -m convert`), and loaded with `sam_jax.load`. Each row is timed interleaved (official,
 then sam_jax, `--repeats` times) after one warm-up call per side; the table shows medians and
 their ratio. The first sam_jax call of a row (tracing + XLA compilation, for the shapes of that
-row) is reported separately. Rows are a registry: add one with `@row("name")` below.
+row) is reported separately. Rows are a registry: add one with `@row("name")` below:
+set_image (resize + encoder), encoder (encoder alone on the same preprocessed input), encoder bf16
+(sam_jax computing in bf16, params fp32, against the official fp32), predict 1 point (multimask,
+full-size masks), predict 64 boxes. Peak memory: each side alone in a fresh process loads the
+weights, sets the image and predicts once; its VmHWM is reported.
 
 Not part of the test run: it takes several minutes on a 2-core CPU. Run it on an otherwise idle
 machine: the JSON records the load average before and after, and a busy machine slows torch's
@@ -76,6 +80,37 @@ def _set_image(ctx: Context) -> Row:
     return Row("set_image", lambda: ctx.official.set_image(ctx.image), lambda: ctx.ours.set_image(ctx.image))
 
 
+def _encoder_row(ctx: Context, name: str, dtype: Any) -> Row:
+    """The image encoder alone on the preprocessed 1024x1024 input (no resize, no transfer)."""
+    from sam_jax.modeling import Sam
+
+    resized = ctx.official.transform.apply_image(ctx.image)
+    with torch.no_grad():
+        x_t = ctx.official.model.preprocess(torch.as_tensor(resized).permute(2, 0, 1)[None].contiguous())
+    x = jax.device_put(x_t.numpy().transpose(0, 2, 3, 1))  # the same (1, S, S, 3) input, NHWC
+    model = sam_jax.build_sam(ctx.ours.model.config, dtype=dtype)
+    encode = jax.jit(lambda p, im: model.apply({"params": p}, im, method=Sam.encode_image))
+
+    def official():
+        with torch.no_grad():
+            return ctx.official.model.image_encoder(x_t)
+
+    return Row(name, official, lambda: jax.block_until_ready(encode(ctx.ours.params, x)))
+
+
+@row("encoder")
+def _encoder(ctx: Context) -> Row:
+    return _encoder_row(ctx, "encoder", None)
+
+
+@row("encoder bf16")
+def _encoder_bf16(ctx: Context) -> Row:
+    # sam_jax computing in bf16 (params fp32) against the official fp32 encoder.
+    import jax.numpy as jnp
+
+    return _encoder_row(ctx, "encoder bf16", jnp.bfloat16)
+
+
 @row("predict 1 point")
 def _predict_point(ctx: Context) -> Row:
     h, w = ctx.image.shape[:2]
@@ -134,6 +169,45 @@ def run_row(r: Row, repeats: int) -> Dict[str, Any]:
             "official_all_s": official, "sam_jax_all_s": ours}
 
 
+def _peak_mb() -> float:
+    """Peak resident memory of this process in MB (VmHWM: starts afresh at exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def memory_child(side: str, workdir: str, model_type: str, image_name: str) -> None:
+    """One side alone in a fresh process: load the weights, set_image, predict one point; prints
+    the process's peak resident memory (weights + runtime + compilation + activations) as JSON."""
+    image = load_image(image_name)
+    h, w = image.shape[:2]
+    pts, labels = np.array([[w * 0.45, h * 0.55]]), np.array([1])
+    if side == "official":
+        from segment_anything import SamPredictor as OfficialPredictor
+        from segment_anything import sam_model_registry
+
+        pred = OfficialPredictor(sam_model_registry[model_type](checkpoint=os.path.join(workdir, "sam.pth")))
+    else:
+        pred = sam_jax.SamPredictor(*sam_jax.load(os.path.join(workdir, "sam.safetensors")))
+    pred.set_image(image)
+    pred.predict(pts, labels)
+    print(json.dumps({"side": side, "peak_rss_mb": _peak_mb()}))
+
+
+def measure_memory(workdir: str, args) -> Dict[str, float]:
+    import subprocess
+
+    out = {}
+    for side in ("official", "sam_jax"):
+        cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", side, "--workdir", workdir,
+               "--model", args.model, "--image", args.image]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out[side] = json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+    return out
+
+
 def print_table(results: List[Dict[str, Any]]) -> None:
     head = f"{'row':<20} {'official s':>11} {'sam_jax s':>10} {'ratio':>7} {'sam_jax 1st call s':>19}"
     print(head)
@@ -153,12 +227,18 @@ def main(argv=None) -> int:
     p.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1,
                    help="torch intra-op threads (default: all cores). On a busy machine torch's OpenMP "
                         "barriers stall when a thread is descheduled: 1 thread is then the fairer baseline")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--memory-child", choices=["official", "sam_jax"], help=argparse.SUPPRESS)
+    p.add_argument("--workdir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.torch_threads)
+    if args.memory_child:
+        memory_child(args.memory_child, args.workdir, args.model, args.image)
+        return 0
     image = load_image(args.image)
-    with tempfile.TemporaryDirectory() as d:
-        official, ours = build(args.model, d)
+    tmp = tempfile.TemporaryDirectory()
+    official, ours = build(args.model, tmp.name)
     ctx = Context(image, official, ours, np.random.default_rng(0))
     official.set_image(image)
     ours.set_image(image)
@@ -172,11 +252,18 @@ def main(argv=None) -> int:
         results.append(r)
         print(f"  {name}: official {r['official_s']:.4f} s, sam_jax {r['sam_jax_s']:.4f} s", flush=True)
     print_table(results)
+    memory = None
+    if not args.no_memory:
+        # Each side alone in a fresh process: peak RSS of load + set_image + one predict.
+        memory = measure_memory(tmp.name, args)
+        print(f"peak memory (load + set_image + predict, own process): official {memory['official']:.0f} MB, "
+              f"sam_jax {memory['sam_jax']:.0f} MB")
+    tmp.cleanup()
     meta = {"model": args.model, "image": args.image, "image_shape": list(image.shape),
             "repeats": args.repeats, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "jax": jax.__version__, "torch": torch.__version__, "jax_device": str(jax.devices()[0]),
             "machine": platform.platform(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-            "rows": results}
+            "rows": results, "peak_rss_mb": memory}
     with open(args.json, "w") as f:
         json.dump(meta, f, indent=1)
     print(f"wrote {args.json}")
