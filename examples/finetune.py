@@ -1,7 +1,9 @@
 """Fine-tune SAM (sam_jax) on a folder of images + masks, a COCO json, or a synthetic dataset.
 
-  # Quick run from scratch on CPU: a small 256-pixel model on the built-in synthetic data.
-  python examples/finetune.py --synthetic 1000 --model small --encoder full --steps 1500 --out out/synth
+  # From scratch on a CPU: a 0.47 M-parameter 128-pixel model on the built-in synthetic data,
+  # one-round episodes from a single point (the held-out metric).
+  python examples/finetune.py --synthetic 1000 --model micro128 --encoder full --corrective-points 0 \
+      --no-point-rounds 0 --box-prob 0 --lr 2e-3 --warmup 50 --steps 3000 --out out/scratch
 
   # Research path: cache embeddings once, train the prompt encoder + decoder for many epochs.
   python examples/finetune.py --weights sam_vit_b.safetensors --images imgs/ --masks masks/ \
