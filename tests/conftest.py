@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 
@@ -74,3 +75,23 @@ def max_rel_err(got, ref) -> float:
     got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
     assert got.shape == ref.shape, (got.shape, ref.shape)
     return float(np.max(np.abs(got - ref)) / np.std(ref))
+
+
+COMPILE_EVENTS = ("/jax/core/compile/backend_compile_duration", "/jax/core/compile/jaxpr_trace_duration")
+
+
+@contextlib.contextmanager
+def count_compilations(names=COMPILE_EVENTS):
+    """Yields a list that collects every event in `names` (by default each trace and XLA
+    compilation) started inside the block."""
+    events = []
+
+    def listener(name, duration, **kwargs):
+        if name in names:
+            events.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

@@ -3,7 +3,6 @@ on the tiny model (cheap: every claim here is about shapes and padding, not mode
 
 from __future__ import annotations
 
-import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -11,31 +10,13 @@ import numpy as np
 import pytest
 import skimage.data
 
+from conftest import COMPILE_EVENTS, count_compilations
 from sam_jax import PAD_LABEL, SamPredictor, decode_prompts
 from sam_jax import functional as F
 from sam_jax.transforms import upscale_masks
 
 PHOTO = np.ascontiguousarray(skimage.data.coffee()[::2, ::2])  # 200 x 300
 H, W = PHOTO.shape[:2]
-
-COMPILE_EVENTS = ("/jax/core/compile/backend_compile_duration", "/jax/core/compile/jaxpr_trace_duration")
-
-
-@contextlib.contextmanager
-def count_compilations():
-    """Yields a list that collects every trace and XLA compilation started inside the block."""
-    events = []
-
-    def listener(name, duration, **kwargs):
-        if name in COMPILE_EVENTS:
-            events.append(name)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield events
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-
 
 @pytest.fixture(scope="module")
 def pred(tiny) -> SamPredictor:

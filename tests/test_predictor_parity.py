@@ -10,15 +10,14 @@ Tolerances (measured figures are printed at the end of the module with `-s`):
 
 from __future__ import annotations
 
-import contextlib
 from typing import Dict
 
-import jax
 import numpy as np
 import pytest
 import skimage.data
 from PIL import Image
 
+from conftest import COMPILE_EVENTS, count_compilations
 from sam_jax import SamPredictor
 
 LOGIT_TOL = 1e-4  # x std(reference logits)
@@ -49,21 +48,6 @@ def _print_figures():
         print(f"{k:<52} {f['low']:>11.2e} {f['iou']:>9.2e} {f['full']:>12.2e} {f['mismatch']:>8d}")
 
 
-@contextlib.contextmanager
-def _count_compiles():
-    events = []
-
-    def listener(name, duration, **kwargs):
-        if name == "/jax/core/compile/backend_compile_duration":
-            events.append(name)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield events
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-
-
 _ENCODED: list = []
 
 
@@ -81,7 +65,7 @@ def photo(request, vit_b):
     # (the jit cache is shared with other test modules and models, so its size says nothing).
     warm = bool(_ENCODED)
     _ENCODED.append(request.param)
-    with _count_compiles() as events:
+    with count_compilations(COMPILE_EVENTS[:1]) as events:
         ours.set_image(image)
     return request.param, image, official, ours, len(events), warm
 
