@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,8 @@ from typing import Any, Dict, List
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
+from bench.common import peak_rss_mb, write_results  # noqa: E402
+
 SIDES = ("official", "sam_jax")
 ROWS = ("generate", "from embedding")
 
@@ -45,19 +46,6 @@ def load_image(name: str):
     import skimage.data
 
     return np.ascontiguousarray(getattr(skimage.data, name)()[..., :3])
-
-
-def _peak_mb() -> float:
-    """Peak resident memory of THIS process image in MB: VmHWM, which starts afresh at exec.
-    (ru_maxrss does not: on Linux it keeps the high-water mark of the forked parent's copy.)"""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kilobytes on Linux
 
 
 def child(side: str, row: str, workdir: str, image_name: str, repeats: int) -> Dict[str, Any]:
@@ -115,7 +103,7 @@ def child(side: str, row: str, workdir: str, image_name: str, repeats: int) -> D
             n = len(run())
             times.append(time.perf_counter() - t0)
     return {"side": side, "row": row, "masks": n, "times_s": times, "median_s": statistics.median(times),
-            "first_call_s": first, "peak_rss_mb": _peak_mb()}
+            "first_call_s": first, "peak_rss_mb": peak_rss_mb()}
 
 
 def prepare(model_type: str, image_name: str, workdir: str) -> None:
@@ -203,9 +191,7 @@ def main(argv=None) -> int:
     meta = {"model": args.model, "image": args.image, "image_shape": list(load_image(args.image).shape),
             "repeats": args.repeats, "cpu_count": os.cpu_count(), "jax": jax.__version__, "torch": torch.__version__,
             "machine": platform.platform(), "results": results}
-    with open(args.json, "w") as f:
-        json.dump(meta, f, indent=1)
-    print(f"wrote {args.json}")
+    write_results(args.json, meta)
     return 0
 
 

@@ -35,6 +35,8 @@ from typing import Any, Callable, Dict, List
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
+from bench.common import peak_rss_mb, write_results  # noqa: E402
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -172,15 +174,6 @@ def run_row(r: Row, repeats: int, settle: float) -> Dict[str, Any]:
             "official_all_s": official, "sam_jax_all_s": ours}
 
 
-def _peak_mb() -> float:
-    """Peak resident memory of this process in MB (VmHWM: starts afresh at exec)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def memory_child(side: str, workdir: str, model_type: str, image_name: str) -> None:
     """One side alone in a fresh process: load the weights, set_image, predict one point; prints
     the process's peak resident memory (weights + runtime + compilation + activations) as JSON."""
@@ -196,7 +189,7 @@ def memory_child(side: str, workdir: str, model_type: str, image_name: str) -> N
         pred = sam_jax.SamPredictor(*sam_jax.load(os.path.join(workdir, "sam.safetensors")))
     pred.set_image(image)
     pred.predict(pts, labels)
-    print(json.dumps({"side": side, "peak_rss_mb": _peak_mb()}))
+    print(json.dumps({"side": side, "peak_rss_mb": peak_rss_mb()}))
 
 
 def measure_memory(workdir: str, args) -> Dict[str, float]:
@@ -271,9 +264,7 @@ def main(argv=None) -> int:
             "jax": jax.__version__, "torch": torch.__version__, "jax_device": str(jax.devices()[0]),
             "machine": platform.platform(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
             "rows": results, "peak_rss_mb": memory}
-    with open(args.json, "w") as f:
-        json.dump(meta, f, indent=1)
-    print(f"wrote {args.json}")
+    write_results(args.json, meta)
     return 0
 
 
