@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,7 @@ import numpy as np
 from . import inputs
 from .build import Params
 from .modeling import Sam
+from .modeling import image_context as modeling_image_context
 from .transforms import pad_to_square, preprocess_padded, resize_longest_side, upscale_masks
 
 MASK_THRESHOLD = 0.0
@@ -103,20 +104,32 @@ def dense_pe(model: Sam, params: Params) -> jax.Array:
     return model.apply({"params": params}, method=Sam.get_dense_pe)
 
 
+def image_context(model: Sam, params: Params, image_embedding: jax.Array,
+                  image_pe: Optional[jax.Array] = None) -> Dict[str, jax.Array]:
+    """The decoder's prompt-independent work on one image, for `decode_prompts(image_context=...)`
+    (prompts without a mask input): see `modeling.image_context`. `SamPredictor` computes it
+    once per image; it holds ~10 MB per image for the official models."""
+    pe = dense_pe(model, params) if image_pe is None else image_pe
+    return modeling_image_context(params, image_embedding, pe, model.config.decoder_num_heads)
+
+
 def _decode_method(m: Sam, image_embedding, point_coords, point_labels, boxes, mask_input, image_pe,
-                   multimask_output: bool):
+                   multimask_output: bool, context=None):
     # `Sam.decode` with the dense positional encoding as an optional input.
+    if context is not None and mask_input is not None:
+        raise ValueError("image_context applies to prompts WITHOUT mask_input; pass image_context=None")
     sparse, dense, valid = m.encode_prompts(point_coords, point_labels, boxes, mask_input)
     pe = m.get_dense_pe() if image_pe is None else image_pe
-    masks, iou = m.mask_decoder(image_embedding, pe, sparse, dense, multimask_output, token_valid=valid)
+    masks, iou = m.mask_decoder(image_embedding, pe, sparse, dense, multimask_output, token_valid=valid,
+                                image_context=context)
     return masks.astype(jnp.float32), iou.astype(jnp.float32)
 
 
 def decode_prompts(model: Sam, params: Params, image_embedding: jax.Array,
                    point_coords: Optional[jax.Array] = None, point_labels: Optional[jax.Array] = None,
                    boxes: Optional[jax.Array] = None, mask_input: Optional[jax.Array] = None,
-                   multimask_output: bool = True, image_pe: Optional[jax.Array] = None
-                   ) -> Tuple[jax.Array, jax.Array]:
+                   multimask_output: bool = True, image_pe: Optional[jax.Array] = None,
+                   image_context: Optional[Dict[str, jax.Array]] = None) -> Tuple[jax.Array, jax.Array]:
     """Decodes B prompts against one image embedding (`Sam.decode`); arrays stay on the device.
 
     Args:
@@ -129,13 +142,15 @@ def decode_prompts(model: Sam, params: Params, image_embedding: jax.Array,
       mask_input: (B, 4h, 4w) low-res mask LOGITS (a previous call's low_res_logits[:, k]).
       multimask_output: static; True gives 3 masks per prompt, False 1.
       image_pe: optional `dense_pe(model, params)`, computed here when None.
+      image_context: optional `image_context(model, params, image_embedding)`: the same result
+        with less work per call; only for prompts without mask_input.
 
     Returns:
       low-res mask logits (B, M, 4h, 4w) and IoU predictions (B, M). `transforms.upscale_masks`
       with `SamPredictor.upscale_tables(i)` turns the logits into full-size logits.
     """
     return model.apply({"params": params}, image_embedding, point_coords, point_labels, boxes, mask_input,
-                       image_pe, multimask_output, method=_decode_method)
+                       image_pe, multimask_output, image_context, method=_decode_method)
 
 
 @partial(jax.jit, static_argnames=("model",))
@@ -147,6 +162,7 @@ def _encode_split(model: Sam, params: Params, images: jax.Array, sizes: jax.Arra
 
 _decode = jax.jit(decode_prompts, static_argnames=("model", "multimask_output"))
 _dense_pe = jax.jit(dense_pe, static_argnames=("model",))
+_image_context = jax.jit(image_context, static_argnames=("model",))
 
 
 @partial(jax.jit, static_argnames=("return_logits",))

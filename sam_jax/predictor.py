@@ -7,15 +7,16 @@ as from the official `segment_anything.SamPredictor`. What compiles when is desc
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
 
 from . import inputs
 from .build import Params
-from .functional import (MAX_PROMPTS_PER_CALL, Tables, _decode, _dense_pe, _encode_split, _pad_rows,
-                         _upscale, decoder_params, point_bucket, prepare_images, prompt_bucket, size_bucket)
+from .functional import (MAX_PROMPTS_PER_CALL, Tables, _decode, _dense_pe, _encode_split, _image_context,
+                         _pad_rows, _upscale, decoder_params, point_bucket, prepare_images, prompt_bucket,
+                         size_bucket)
 from .modeling import PAD_LABEL, Sam
 from .transforms import ResizeLongestSide, mask_upscale_taps
 
@@ -53,6 +54,7 @@ class SamPredictor:
     def reset_image(self) -> None:
         """Forgets the current image(s)."""
         self._embeddings: Tuple[jax.Array, ...] = ()
+        self._contexts: List[Dict[str, jax.Array]] = []
         self._original_sizes: List[Tuple[int, int]] = []
         self._input_sizes: List[Tuple[int, int]] = []
         self._tables: List[Tables] = []
@@ -76,6 +78,10 @@ class SamPredictor:
         self.reset_image()
         # Synchronous like the official set_image: errors surface here and timings mean something.
         self._embeddings = jax.block_until_ready(_encode_split(self.model, self.params, padded, sizes))
+        # The decoder's prompt-independent work on each image, done once here rather than per
+        # predict (used for prompts without mask_input; see functional.image_context).
+        self._contexts = [_image_context(self.model, self._decoder_params, e, self._image_pe)
+                          for e in self._embeddings]
         for (h, w), (oh, ow) in zip(sizes.tolist(), originals):
             self._original_sizes.append((oh, ow))
             self._input_sizes.append((h, w))
@@ -247,7 +253,8 @@ class SamPredictor:
             if points is None and boxes is None and masks is None:
                 n = 1  # no prompt at all: the decoder's own batch of one, as officially
             low, iou = _decode(self.model, self._decoder_params, self._embeddings[i], coords, labels,
-                               chunk_boxes, chunk_masks, multimask_output=multimask, image_pe=self._image_pe)
+                               chunk_boxes, chunk_masks, multimask_output=multimask, image_pe=self._image_pe,
+                               image_context=self._contexts[i] if chunk_masks is None else None)
             rows, cols = self._tables[i]
             full = _upscale(low, rows, cols, return_logits=return_logits)
             k = stop - start

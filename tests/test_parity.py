@@ -160,6 +160,40 @@ def test_mask_decoder(encoded, ref, case_name, multimask):
     assert iou_err <= IOU_TOL
 
 
+@pytest.mark.parametrize("case_name", [c for c in prompt_cases(64) if c != "mask"])
+def test_mask_decoder_image_context(encoded, ref, case_name):
+    """The decoder with layer 0's image side precomputed once per image (what SamPredictor
+    does for prompts without a mask input) against the official decoder: same tolerances."""
+    s = ref.model.config.image_size
+    case = prompt_cases(s)[case_name]
+    _, emb, _ = encoded
+    tm = ref.torch_model
+    with torch.no_grad():
+        sparse, dense = tm.prompt_encoder(**torch_prompts(case))
+        want_logits, want_iou = tm.mask_decoder(torch.from_numpy(emb.transpose(0, 3, 1, 2)),
+                                                tm.prompt_encoder.get_dense_pe(), sparse, dense, True)
+    context = sam_jax.functional.image_context(ref.model, ref.params, jnp.asarray(emb))
+    decode = _jitted(ref.model, "decode", multimask_output=True)
+    logits, iou = decode({"params": ref.params}, emb, **jax_prompts(case), image_context=context)
+    err = max_rel_err(logits, want_logits.numpy())
+    iou_err = float(np.abs(np.asarray(iou) - want_iou.numpy()).max())
+    print(f"{ref.name} {case_name} with image_context: logits err/std {err:.2e}, iou err {iou_err:.2e}")
+    assert err <= LOGIT_TOL
+    assert iou_err <= IOU_TOL
+
+
+def test_image_context_rejects_mask_input(encoded, ref):
+    s = ref.model.config.image_size
+    case = prompt_cases(s)["mask"]
+    emb = jnp.asarray(encoded[1])
+    context = sam_jax.functional.image_context(ref.model, ref.params, emb)
+    with pytest.raises(ValueError, match="image_context"):
+        ref.model.apply({"params": ref.params}, emb, **jax_prompts(case), image_context=context,
+                        method=sam_jax.Sam.decode)
+    with pytest.raises(ValueError, match=r"\(1, h, w, C\)"):
+        sam_jax.functional.image_context(ref.model, ref.params, jnp.concatenate([emb, emb]))
+
+
 @pytest.mark.parametrize("size", ["small", "large"])
 def test_end_to_end(ref, size, encoded):
     """Official Sam.forward (preprocess, encode, decode, postprocess, threshold) vs our pipeline."""

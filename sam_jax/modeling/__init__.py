@@ -4,6 +4,6 @@ from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PAD_LABEL, PromptEncoder
 from .sam import Sam
-from .transformer import TwoWayTransformer
+from .transformer import TwoWayTransformer, image_context
 
-__all__ = ["ImageEncoderViT", "MaskDecoder", "PAD_LABEL", "PromptEncoder", "Sam", "TwoWayTransformer"]
+__all__ = ["ImageEncoderViT", "MaskDecoder", "PAD_LABEL", "PromptEncoder", "Sam", "TwoWayTransformer", "image_context"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -41,8 +41,12 @@ class MaskDecoder(nn.Module):
         dense_prompt_embeddings: jax.Array,
         multimask_output: bool,
         token_valid: Optional[jax.Array] = None,
+        image_context: Optional[Dict[str, jax.Array]] = None,
     ) -> Tuple[jax.Array, jax.Array]:
         """image_embeddings (B or 1, h, w, C); image_pe (h, w, C); sparse (B, T, C); dense (B, h, w, C).
+
+        image_context: `transformer.image_context` of a (1, h, w, C) embedding, for prompts
+        without a mask input; image_embeddings and dense_prompt_embeddings are then not read.
 
         Returns low-res mask logits (B, M, 4h, 4w) and IoU predictions (B, M); M is
         num_multimask_outputs when multimask_output, else 1.
@@ -58,12 +62,15 @@ class MaskDecoder(nn.Module):
             token_valid = jnp.concatenate([jnp.ones((b, 1 + n_mask), bool), token_valid], axis=1)
 
         # One embedding may serve a whole batch of prompts (the official repeat_interleave).
-        src = image_embeddings + dense_prompt_embeddings
+        if image_context is None:
+            src = image_embeddings + dense_prompt_embeddings
+        else:
+            src = image_context["src"]  # embedding + no-mask embedding, batch 1
         hh, ww = src.shape[1:3]
-        pos = jnp.broadcast_to(image_pe, (b, hh, ww, c))
         hs, src = TwoWayTransformer(self.transformer_depth, c, self.transformer_num_heads,
                                     self.transformer_mlp_dim, dtype=self.dtype,
-                                    name="transformer")(src, pos, tokens, token_valid)
+                                    name="transformer")(src, jnp.reshape(image_pe, (1, hh, ww, c)), tokens, token_valid,
+                                                        image_context)
         iou_token_out = hs[:, 0]
         mask_tokens_out = hs[:, 1:1 + n_mask]
 

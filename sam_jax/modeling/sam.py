@@ -9,7 +9,7 @@ Layouts at this boundary:
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -69,6 +69,7 @@ class Sam(nn.Module):
         boxes: Optional[jax.Array] = None,
         mask_inputs: Optional[jax.Array] = None,
         multimask_output: bool = True,
+        image_context: Optional[Dict[str, jax.Array]] = None,
     ) -> Tuple[jax.Array, jax.Array]:
         """Decodes a batch of B prompts against image embeddings.
 
@@ -78,13 +79,18 @@ class Sam(nn.Module):
           boxes: (B, 4) as (x0, y0, x1, y1) in the model-input frame.
           mask_inputs: (B, 4h, 4w) mask logits.
           multimask_output: static; True returns 3 masks per prompt, False one.
+          image_context: optional `modeling.image_context(params, image_embeddings, pe)` of a
+            (1, h, w, C) embedding: layer 0's image side precomputed (prompts without mask_inputs).
 
         Returns:
           low-res mask logits (B, M, 4h, 4w) and IoU predictions (B, M), float32.
         """
+        if image_context is not None and mask_inputs is not None:
+            raise ValueError("image_context holds the image side for prompts WITHOUT a mask input; "
+                             "pass image_context=None with mask_inputs")
         sparse, dense, valid = self.prompt_encoder(point_coords, point_labels, boxes, mask_inputs)
         masks, iou = self.mask_decoder(image_embeddings, self.prompt_encoder.get_dense_pe(), sparse,
-                                       dense, multimask_output, token_valid=valid)
+                                       dense, multimask_output, token_valid=valid, image_context=image_context)
         return masks.astype(jnp.float32), iou.astype(jnp.float32)
 
     def __call__(self, images, point_coords=None, point_labels=None, boxes=None, mask_inputs=None,
