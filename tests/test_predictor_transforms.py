@@ -16,9 +16,11 @@ from sam_jax.transforms import (mask_upscale_taps, pad_to_square, preprocess, pr
                                 resize_longest_side, upscale_masks)
 
 # (H, W) original sizes: smaller and larger than the model input, both orientations, extreme
-# aspect ratios, a single pixel, and sizes equal to the input side.
+# aspect ratios, a single pixel, and sizes equal to the input side; widths just above a bucket
+# boundary (257, 369, 513, 737), where the blocked width pass reads its widest windows.
 SIZES = [(512, 512), (400, 600), (300, 200), (1500, 2000), (2000, 1500), (7, 1000), (1, 1),
-         (1024, 1024), (1025, 3), (683, 1024), (97, 131)]
+         (1024, 1024), (1025, 3), (683, 1024), (97, 131), (257, 257), (366, 369), (60, 513),
+         (900, 737)]
 
 
 def official_postprocess(low: np.ndarray, input_size, original_size, image_size: int) -> np.ndarray:
