@@ -67,10 +67,12 @@ class MaskDecoder(nn.Module):
         else:
             src = image_context["src"]  # embedding + no-mask embedding, batch 1
         hh, ww = src.shape[1:3]
+        # Only the IoU token and the mask tokens have outputs that are read: the final attention
+        # runs for those alone (the prompt tokens' outputs are discarded officially).
         hs, src = TwoWayTransformer(self.transformer_depth, c, self.transformer_num_heads,
                                     self.transformer_mlp_dim, dtype=self.dtype,
                                     name="transformer")(src, jnp.reshape(image_pe, (1, hh, ww, c)), tokens, token_valid,
-                                                        image_context)
+                                                        image_context, output_tokens=tuple(range(1 + n_mask)))
         iou_token_out = hs[:, 0]
         mask_tokens_out = hs[:, 1:1 + n_mask]
 

@@ -227,13 +227,17 @@ class TwoWayTransformer(nn.Module):
     @nn.compact
     def __call__(self, image_embedding: jax.Array, image_pe: jax.Array, point_embedding: jax.Array,
                  token_valid: Optional[jax.Array] = None,
-                 image_context: Optional[Dict[str, jax.Array]] = None) -> Tuple[jax.Array, jax.Array]:
+                 image_context: Optional[Dict[str, jax.Array]] = None,
+                 output_tokens: Optional[Tuple[int, ...]] = None) -> Tuple[jax.Array, jax.Array]:
         """image_embedding and image_pe (B or 1, h, w, C) NHWC; point_embedding (B, T, C).
 
         image_context: optional `image_context(...)` of this image_embedding (batch 1): layer 0
-        then reads the image side's projections instead of computing them.
+          then reads the image side's projections instead of computing them.
+        output_tokens: static indices of the tokens whose output is wanted (default all): the
+          final token->image attention, which is per query, then runs for those only.
 
-        Returns the processed tokens (B, T, C) and image tokens (B, h*w, C) in row-major order.
+        Returns the processed tokens (B, T, C) (or (B, len(output_tokens), C)) and image tokens
+        (B, h*w, C) in row-major order.
         """
         hh, ww, c = image_embedding.shape[1:]
         keys = image_embedding.reshape(image_embedding.shape[0], hh * ww, c)
@@ -245,6 +249,9 @@ class TwoWayTransformer(nn.Module):
                 dtype=self.dtype, name=f"layers_{i}")(queries, keys, point_embedding, key_pe, token_valid,
                                                       image_context if i == 0 else None)
         keys = jnp.broadcast_to(keys, (point_embedding.shape[0], *keys.shape[1:]))
+        if output_tokens is not None:
+            idx = jnp.asarray(output_tokens, jnp.int32)
+            queries, point_embedding = jnp.take(queries, idx, axis=1), jnp.take(point_embedding, idx, axis=1)
         q, k = queries + point_embedding, keys + key_pe
         queries = queries + Attention(c, self.num_heads, self.downsample_rate, dtype=self.dtype,
                                       name="final_attn_token_to_image")(q, k, keys)
