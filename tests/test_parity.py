@@ -138,46 +138,33 @@ def test_prompt_encoder(ref, case_name):
         np.testing.assert_array_equal(np.asarray(got_dense), want_dense)
 
 
+@pytest.mark.parametrize("context", [False, True], ids=["plain", "image_context"])
 @pytest.mark.parametrize("multimask", [True, False])
 @pytest.mark.parametrize("case_name", list(prompt_cases(64)))
-def test_mask_decoder(encoded, ref, case_name, multimask):
-    """Decoder stage alone: both sides decode the SAME (reference) image embedding."""
+def test_mask_decoder(encoded, ref, case_name, multimask, context):
+    """Decoder stage alone: both sides decode the SAME (reference) image embedding. With
+    `context`, layer 0's image side is precomputed once per image, as SamPredictor does for
+    prompts without a mask input: the same tolerances hold."""
     s = ref.model.config.image_size
     case = prompt_cases(s)[case_name]
+    if context and "masks" in case:
+        pytest.skip("image_context is for prompts without a mask input")
     _, emb, _ = encoded
     tm = ref.torch_model
     with torch.no_grad():
         sparse, dense = tm.prompt_encoder(**torch_prompts(case))
         want_logits, want_iou = tm.mask_decoder(torch.from_numpy(emb.transpose(0, 3, 1, 2)),
                                                 tm.prompt_encoder.get_dense_pe(), sparse, dense, multimask)
+    extra = {}
+    if context:
+        extra["image_context"] = sam_jax.functional.image_context(ref.model, ref.params, jnp.asarray(emb))
     decode = _jitted(ref.model, "decode", multimask_output=multimask)
-    logits, iou = decode({"params": ref.params}, emb, **jax_prompts(case))
+    logits, iou = decode({"params": ref.params}, emb, **jax_prompts(case), **extra)
     assert logits.shape == want_logits.shape and iou.shape == want_iou.shape
     err = max_rel_err(logits, want_logits.numpy())
     iou_err = float(np.abs(np.asarray(iou) - want_iou.numpy()).max())
-    print(f"{ref.name} {case_name} multimask={multimask}: logits err/std {err:.2e}, iou err {iou_err:.2e}")
-    assert err <= LOGIT_TOL
-    assert iou_err <= IOU_TOL
-
-
-@pytest.mark.parametrize("case_name", [c for c in prompt_cases(64) if c != "mask"])
-def test_mask_decoder_image_context(encoded, ref, case_name):
-    """The decoder with layer 0's image side precomputed once per image (what SamPredictor
-    does for prompts without a mask input) against the official decoder: same tolerances."""
-    s = ref.model.config.image_size
-    case = prompt_cases(s)[case_name]
-    _, emb, _ = encoded
-    tm = ref.torch_model
-    with torch.no_grad():
-        sparse, dense = tm.prompt_encoder(**torch_prompts(case))
-        want_logits, want_iou = tm.mask_decoder(torch.from_numpy(emb.transpose(0, 3, 1, 2)),
-                                                tm.prompt_encoder.get_dense_pe(), sparse, dense, True)
-    context = sam_jax.functional.image_context(ref.model, ref.params, jnp.asarray(emb))
-    decode = _jitted(ref.model, "decode", multimask_output=True)
-    logits, iou = decode({"params": ref.params}, emb, **jax_prompts(case), image_context=context)
-    err = max_rel_err(logits, want_logits.numpy())
-    iou_err = float(np.abs(np.asarray(iou) - want_iou.numpy()).max())
-    print(f"{ref.name} {case_name} with image_context: logits err/std {err:.2e}, iou err {iou_err:.2e}")
+    print(f"{ref.name} {case_name} multimask={multimask} context={context}: logits err/std {err:.2e}, "
+          f"iou err {iou_err:.2e}")
     assert err <= LOGIT_TOL
     assert iou_err <= IOU_TOL
 
