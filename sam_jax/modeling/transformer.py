@@ -56,10 +56,11 @@ class Attention(nn.Module):
     `attention_plan` picks the order with the fewest multiply-adds from the static shapes;
     `plan` forces one (tests compare them).
 
-    `projected` takes the big side already projected (bias included), batch 1 or B: {"k": ...,
-    "v": ...} (N, internal) rows when tokens attend to the image (`k`, `v` are then unused), or
-    {"q": ...} when the image attends to tokens (`q` unused). Layer 0's image side does not
-    depend on the prompt, so `SamPredictor` projects it once per image (`image_context`).
+    `projected` takes the image side already projected (bias included), batch 1, shared by
+    every prompt, in `image_context`'s head-major layouts: {"k", "v"} when tokens attend to the
+    image (`k`, `v` are then unused), or {"q"} when the image attends to tokens (`q` unused).
+    Layer 0's image side does not depend on the prompt, so `SamPredictor` projects it once per
+    image (`image_context`).
     """
 
     embedding_dim: int
