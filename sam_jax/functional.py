@@ -165,9 +165,9 @@ _dense_pe = jax.jit(dense_pe, static_argnames=("model",))
 _image_context = jax.jit(image_context, static_argnames=("model",))
 
 
-@partial(jax.jit, static_argnames=("return_logits",))
-def _upscale(low_res: jax.Array, rows, cols, return_logits: bool) -> jax.Array:
-    logits = upscale_masks(low_res, rows, cols)
+@partial(jax.jit, static_argnames=("return_logits", "width_window"))
+def _upscale(low_res: jax.Array, rows, cols, return_logits: bool, width_window: int = 0) -> jax.Array:
+    logits = upscale_masks(low_res, rows, cols, width_window)
     return logits if return_logits else logits > MASK_THRESHOLD
 
 

@@ -18,7 +18,7 @@ from .functional import (MAX_PROMPTS_PER_CALL, Tables, _decode, _dense_pe, _enco
                          _pad_rows, _upscale, decoder_params, point_bucket, prepare_images, prompt_bucket,
                          size_bucket)
 from .modeling import PAD_LABEL, Sam
-from .transforms import ResizeLongestSide, mask_upscale_taps
+from .transforms import ResizeLongestSide, mask_upscale_taps, upscale_width_window
 
 Outputs = Tuple[np.ndarray, np.ndarray, np.ndarray]
 
@@ -58,6 +58,7 @@ class SamPredictor:
         self._original_sizes: List[Tuple[int, int]] = []
         self._input_sizes: List[Tuple[int, int]] = []
         self._tables: List[Tables] = []
+        self._width_windows: List[int] = []
 
     def set_image(self, image: Any, image_format: str = "RGB") -> None:
         """Encodes one image: HWC uint8 (0..255) or float (0..1), RGB or BGR; grayscale is
@@ -86,8 +87,10 @@ class SamPredictor:
             self._original_sizes.append((oh, ow))
             self._input_sizes.append((h, w))
             args = (self.low_res_size, self.image_size)
+            cols = mask_upscale_taps(*args, w, ow, size_bucket(ow))
             self._tables.append((jax.device_put(mask_upscale_taps(*args, h, oh, size_bucket(oh))),
-                                 jax.device_put(mask_upscale_taps(*args, w, ow, size_bucket(ow)))))
+                                 jax.device_put(cols)))
+            self._width_windows.append(upscale_width_window(*cols, self.low_res_size))
 
     @property
     def is_image_set(self) -> bool:
@@ -256,7 +259,7 @@ class SamPredictor:
                                chunk_boxes, chunk_masks, multimask_output=multimask, image_pe=self._image_pe,
                                image_context=self._contexts[i] if chunk_masks is None else None)
             rows, cols = self._tables[i]
-            full = _upscale(low, rows, cols, return_logits=return_logits)
+            full = _upscale(low, rows, cols, return_logits=return_logits, width_window=self._width_windows[i])
             k = stop - start
             out_masks[start:stop] = np.asarray(full)[:k, :, :h, :w]
             out_iou[start:stop] = np.asarray(iou)[:k]

@@ -179,30 +179,48 @@ def mask_upscale_taps(low_size: int, image_size: int, input_len: int, original_l
 
 
 # Width pass of `upscale_masks`: output columns in groups of this many read one window of
-# low-res columns (see `_width_window`).
+# low-res columns (see `upscale_width_window`).
 UPSCALE_GROUP = 32
 
 
-def _width_window(low_len: int, padded_len: int) -> int:
-    """Low-res columns a group of UPSCALE_GROUP output columns reads, for an output side padded to
-    `padded_len`, or 0 to use the dense (padded_len, low_len) map. Output sides are padded to
-    `functional.size_bucket` sizes, so above the first bucket (256) an original side exceeds
-    padded_len / sqrt(2) and a step of one output column moves at most low_len * sqrt(2) /
-    padded_len low-res columns. Blocked only up to 1024 columns, where it was measured faster."""
-    if padded_len <= 256 or padded_len > 1024 or padded_len % UPSCALE_GROUP:
+def upscale_width_window(col_start: np.ndarray, col_weights: np.ndarray, low_len: int) -> int:
+    """Host side: the static `width_window` for `upscale_masks` with these width taps (numpy,
+    from `mask_upscale_taps`), or 0 for the dense width pass.
+
+    The window is a bound that depends only on the padded output width, so every image whose
+    width falls in the same `functional.size_bucket` shares one compilation: above the first
+    bucket (256) an original width exceeds padded / sqrt(2), so one output column moves at most
+    low_len * sqrt(2) / padded low-res columns. The taps are checked against it (other paddings
+    get 0). Blocked only for padded widths up to 1024, where it was measured faster."""
+    col_start, col_weights = np.asarray(col_start), np.asarray(col_weights)
+    padded = len(col_start)
+    if padded <= 256 or padded > 1024 or padded % UPSCALE_GROUP:
         return 0
-    k = math.ceil((UPSCALE_GROUP - 1) * low_len * math.sqrt(2) / padded_len) + UPSCALE_TAPS + 1
-    return k if 2 * k <= low_len else 0
+    k = math.ceil((UPSCALE_GROUP - 1) * low_len * math.sqrt(2) / padded) + UPSCALE_TAPS + 1
+    if 2 * k > low_len:
+        return 0
+    real = np.any(col_weights != 0, axis=1).reshape(-1, UPSCALE_GROUP)
+    starts = col_start.reshape(-1, UPSCALE_GROUP)
+    for g in range(len(starts)):
+        if real[g].any():
+            first = min(int(starts[g, 0]), low_len - k)
+            if int(starts[g][real[g]].max()) + UPSCALE_TAPS - first > k or int(starts[g][real[g]].min()) < first:
+                return 0
+    return k
 
 
 def upscale_masks(low_res: jax.Array, rows: Tuple[jax.Array, jax.Array],
-                  cols: Tuple[jax.Array, jax.Array]) -> jax.Array:
+                  cols: Tuple[jax.Array, jax.Array], width_window: int = 0) -> jax.Array:
     """Low-res logits (..., L, L) -> logits (..., Hp, Wp) at the (bucket-padded) original size.
 
     `rows` and `cols` are `mask_upscale_taps` for the height and width axes: (start, weights) of
     shapes (Hp,), (Hp, K) and (Wp,), (Wp, K). Equals `postprocess_masks` up to float rounding
     in [:H, :W] (the weights are composed in float64); the padding is 0. Arrays only, so one
     compilation serves every image size with the same padded output shape.
+
+    width_window (static): `upscale_width_window(*cols_numpy, L)`, which lets the width pass read
+    one window of low-res columns per group of output columns (several times less work), or 0
+    for the dense pass, which any taps allow.
     """
     (row_start, row_w), (col_start, col_w) = rows, cols
     low_w, wp = low_res.shape[-1], col_start.shape[0]
@@ -211,7 +229,9 @@ def upscale_masks(low_res: jax.Array, rows: Tuple[jax.Array, jax.Array],
     # Width first, on the small low-res grid, as matmuls with the banded map (faster than
     # gathering columns on CPU; the zeros add exactly nothing). HIGHEST keeps accelerators from
     # rounding the operands to bf16/tf32.
-    k = _width_window(low_w, wp)
+    k = width_window
+    if not isinstance(k, int) or k < 0 or k > low_w or (k and wp % UPSCALE_GROUP):
+        raise ValueError(f"width_window must be 0 or upscale_width_window(...) for these taps, got {k!r}")
     if k:  # each group of output columns reads a window of k low-res columns: ~low_w/k x less work
         g = wp // UPSCALE_GROUP
         first = jnp.minimum(col_start.reshape(g, UPSCALE_GROUP)[:, 0], low_w - k)  # (G,)

@@ -13,7 +13,7 @@ from segment_anything.modeling import Sam as OfficialSam
 
 from sam_jax.functional import size_bucket
 from sam_jax.transforms import (mask_upscale_taps, pad_to_square, preprocess, preprocess_padded,
-                                resize_longest_side, upscale_masks)
+                                resize_longest_side, upscale_masks, upscale_width_window)
 
 # (H, W) original sizes: smaller and larger than the model input, both orientations, extreme
 # aspect ratios, a single pixel, and sizes equal to the input side; widths just above a bucket
@@ -45,14 +45,33 @@ def test_upscale_equals_official_postprocess(size, image_size):
     hp, wp = size_bucket(h0), size_bucket(w0)
     rows = mask_upscale_taps(low_side, image_size, input_size[0], h0, hp)
     cols = mask_upscale_taps(low_side, image_size, input_size[1], w0, wp)
-    got = np.asarray(jax.jit(upscale_masks)(low, rows, cols))
+    window = upscale_width_window(*cols, low_side)
+    got = np.asarray(jax.jit(upscale_masks, static_argnums=3)(low, rows, cols, window))
     assert got.shape == (2, 3, hp, wp)
+    # The blocked width pass (window > 0) sums the same nonzero products as the dense one.
+    dense = np.asarray(jax.jit(upscale_masks)(low, rows, cols))
+    assert np.max(np.abs(got - dense)) <= 1e-6
     assert not got[..., h0:, :].any() and not got[..., w0:].any()  # zero padding
     got = got[..., :h0, :w0]
     # The two resizes composed in float64: float32 rounding of |logits| <~ 16 only.
     assert np.max(np.abs(got - want)) <= 4e-6
     conf = np.abs(want) > 1e-3
     assert np.array_equal(got[conf] > 0, want[conf] > 0)
+
+
+def test_width_window_only_for_bucket_paddings():
+    """The blocked width pass relies on size_bucket's padding (original > padded / sqrt(2)); other
+    paddings get the dense pass, and a window that does not fit the taps is refused."""
+    # 260 columns padded to 736 (its bucket is 368): ~1 low-res column per output column, more
+    # than a window sized for the 736 bucket holds.
+    cols = mask_upscale_taps(256, 1024, 1024, 260, 736)
+    assert upscale_width_window(*cols, 256) == 0
+    bucketed = mask_upscale_taps(256, 1024, 1024, 600, size_bucket(600))
+    assert upscale_width_window(*bucketed, 256) > 0
+    low = np.zeros((1, 256, 256), np.float32)
+    rows = mask_upscale_taps(256, 1024, 683, 400, size_bucket(400))
+    with pytest.raises(ValueError, match="width_window"):
+        upscale_masks(low, rows, bucketed, -1)
 
 
 def test_fixed_shape_preprocess_equals_official(tiny):
