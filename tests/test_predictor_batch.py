@@ -180,3 +180,33 @@ def test_buckets():
     assert all(b >= n and b % 16 == 0 for n, b in zip(sides, buckets))
     assert all(b <= max(256, 1.42 * n + 16) for n, b in zip(sides, buckets))  # sqrt(2) steps
     assert len(set(buckets)) <= 12  # few compilations across all sizes up to 5000
+
+
+def test_decoder_compiles_with_its_xla_options(pred, monkeypatch):
+    # The predictor's decoder and upscaling jits carry DECODER_XLA_OPTIONS when this XLA knows
+    # them: no YNNPACK library fusion is left in the decoder's compiled program.
+    opts = F.decoder_compiler_options()
+    if opts is None:
+        pytest.skip("this XLA does not know the decoder's options (it then uses its defaults)")
+    assert opts == F.DECODER_XLA_OPTIONS
+    xy = np.array([[[20.0, 30.0]]], np.float32)
+    args = (pred.model, pred._decoder_params, pred.image_embeddings[0], xy, np.ones((1, 1), np.int32), None, None)
+    kw = dict(multimask_output=True, image_pe=pred._image_pe)
+    default = jax.jit(F.decode_prompts, static_argnames=("model", "multimask_output"))
+    assert "__ynn_fusion" in default.lower(*args, **kw).compile().as_text()  # what the options turn off
+    assert "__ynn_fusion" not in F._decode.lower(*args, **kw).compile().as_text()
+    # The same logits as under XLA's defaults, up to float rounding.
+    got, want = F._decode(*args, **kw)[0], default(*args, **kw)[0]
+    assert float(jnp.max(jnp.abs(got - want))) <= 1e-5 * float(jnp.std(want))  # fusion order: rounding only
+
+
+def test_unknown_xla_options_fall_back_to_defaults(monkeypatch):
+    # An XLA without the option (older or newer jaxlib) must not break decoding: no options then.
+    monkeypatch.setattr(F, "DECODER_XLA_OPTIONS", {"xla_sam_jax_no_such_option": ""})
+    F.decoder_compiler_options.cache_clear()
+    try:
+        assert F.decoder_compiler_options() is None
+        jitted = F._DecoderJit(lambda x: x * 2)
+        assert float(jitted(jnp.float32(3.0))) == 6.0
+    finally:
+        F.decoder_compiler_options.cache_clear()

@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from ..build import Params
-from ..functional import prepare_images
+from ..functional import decoder_compiler_options, prepare_images
 from ..modeling import Sam
 from ..transforms import get_preprocess_shape, mask_upscale_taps
 from . import pipeline as pl
@@ -173,8 +173,11 @@ class Runner:
         m = 3 * b
         chunk = max(1, min(m, CHUNK_PIXELS // (hp * wp)))
         dchunk = min(b, DECODE_CHUNK)
-        decode = pl.sharded(("decode", model, dchunk), partial(pl.decode_job, model, chunk=dchunk), mesh, 2)
-        filt = pl.sharded(("filter", chunk), partial(pl.filter_job, chunk=chunk), mesh, 1)
+        # The decoder's small dots run better on XLA's own fusions (see functional.DECODER_XLA_OPTIONS).
+        opts = decoder_compiler_options()
+        decode = pl.sharded(("decode", model, dchunk), partial(pl.decode_job, model, chunk=dchunk), mesh, 2,
+                            compiler_options=opts)
+        filt = pl.sharded(("filter", chunk), partial(pl.filter_job, chunk=chunk), mesh, 1, compiler_options=opts)
         append = pl.sharded(("append",), pl.append_job, mesh, 0, donate=(0,))
         thresholds = pl.replicate(self.thresholds, mesh)
 
