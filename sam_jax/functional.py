@@ -114,18 +114,6 @@ def image_context(model: Sam, params: Params, image_embedding: jax.Array,
     return modeling_image_context(params, image_embedding, pe, model.config.decoder_num_heads)
 
 
-def _decode_method(m: Sam, image_embedding, point_coords, point_labels, boxes, mask_input, image_pe,
-                   multimask_output: bool, context=None):
-    # `Sam.decode` with the dense positional encoding as an optional input.
-    if context is not None and mask_input is not None:
-        raise ValueError("image_context applies to prompts WITHOUT mask_input; pass image_context=None")
-    sparse, dense, valid = m.encode_prompts(point_coords, point_labels, boxes, mask_input)
-    pe = m.get_dense_pe() if image_pe is None else image_pe
-    masks, iou = m.mask_decoder(image_embedding, pe, sparse, dense, multimask_output, token_valid=valid,
-                                image_context=context)
-    return masks.astype(jnp.float32), iou.astype(jnp.float32)
-
-
 def decode_prompts(model: Sam, params: Params, image_embedding: jax.Array,
                    point_coords: Optional[jax.Array] = None, point_labels: Optional[jax.Array] = None,
                    boxes: Optional[jax.Array] = None, mask_input: Optional[jax.Array] = None,
@@ -151,7 +139,7 @@ def decode_prompts(model: Sam, params: Params, image_embedding: jax.Array,
       with `SamPredictor.upscale_tables(i)` turns the logits into full-size logits.
     """
     return model.apply({"params": params}, image_embedding, point_coords, point_labels, boxes, mask_input,
-                       image_pe, multimask_output, image_context, method=_decode_method)
+                       multimask_output, image_context, image_pe, method=Sam.decode)
 
 
 @partial(jax.jit, static_argnames=("model",))

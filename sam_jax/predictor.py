@@ -128,6 +128,12 @@ class SamPredictor:
         """One (1, h, w, C) NHWC device array per image, for `decode_prompts`."""
         return self._embeddings
 
+    @property
+    def image_contexts(self) -> Tuple[Dict[str, jax.Array], ...]:
+        """One `functional.image_context` per image (the decoder's prompt-independent work), for
+        `decode_prompts(..., image_context=predictor.image_contexts[i])` without a mask_input."""
+        return tuple(self._contexts)
+
     def _index(self, image_index: Any) -> int:
         if not self.is_image_set:
             raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")

@@ -199,14 +199,15 @@ def upscale_width_window(col_start: np.ndarray, col_weights: np.ndarray, low_len
     k = math.ceil((UPSCALE_GROUP - 1) * low_len * math.sqrt(2) / padded) + UPSCALE_TAPS + 1
     if 2 * k > low_len:
         return 0
+    # Per group of output columns: the window starts at its first column's first tap (clamped to
+    # fit); every column with a nonzero weight must read inside it.
     real = np.any(col_weights != 0, axis=1).reshape(-1, UPSCALE_GROUP)
-    starts = col_start.reshape(-1, UPSCALE_GROUP)
-    for g in range(len(starts)):
-        if real[g].any():
-            first = min(int(starts[g, 0]), low_len - k)
-            if int(starts[g][real[g]].max()) + UPSCALE_TAPS - first > k or int(starts[g][real[g]].min()) < first:
-                return 0
-    return k
+    starts = col_start.astype(np.int64).reshape(-1, UPSCALE_GROUP)
+    first = np.minimum(starts[:, 0], low_len - k)
+    hi = np.where(real, starts, 0).max(axis=1)  # taps start in [0, low_len)
+    lo = np.where(real, starts, low_len).min(axis=1)
+    bad = real.any(axis=1) & ((hi + UPSCALE_TAPS - first > k) | (lo < first))
+    return 0 if bad.any() else k
 
 
 def upscale_masks(low_res: jax.Array, rows: Tuple[jax.Array, jax.Array],

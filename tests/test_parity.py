@@ -177,6 +177,10 @@ def test_image_context_rejects_mask_input(encoded, ref):
     with pytest.raises(ValueError, match="image_context"):
         ref.model.apply({"params": ref.params}, emb, **jax_prompts(case), image_context=context,
                         method=sam_jax.Sam.decode)
+    prompts = jax_prompts(case)
+    prompts["mask_input"] = prompts.pop("mask_inputs")
+    with pytest.raises(ValueError, match="image_context"):  # the functional path: the same check
+        sam_jax.functional.decode_prompts(ref.model, ref.params, emb, **prompts, image_context=context)
     with pytest.raises(ValueError, match=r"\(1, h, w, C\)"):
         sam_jax.functional.image_context(ref.model, ref.params, jnp.concatenate([emb, emb]))
 

@@ -102,14 +102,16 @@ def test_decode_prompts_inside_user_jit(pred, tiny):
     rows, cols = pred.upscale_tables()
 
     @jax.jit
-    def segment(params, emb, coords, labels):
-        lo, sc = decode_prompts(tiny.model, params, emb, coords, labels)
+    def segment(params, emb, coords, labels, context=None):
+        lo, sc = decode_prompts(tiny.model, params, emb, coords, labels, image_context=context)
         return lo, sc, upscale_masks(lo, rows, cols)
 
     coords = pred.transform.apply_coords(pts, pred.original_size)[None]
-    lo, sc, full = segment(tiny.params, pred.image_embeddings[0], coords, lab[None])
-    assert isinstance(full, jax.Array)
-    assert_close((np.asarray(full)[0, :, :H, :W], np.asarray(sc)[0], np.asarray(lo)[0]), (masks, iou, low))
+    # Plain, and with the predictor's precomputed per-image decoder work.
+    for context in (None, pred.image_contexts[0]):
+        lo, sc, full = segment(tiny.params, pred.image_embeddings[0], coords, lab[None], context)
+        assert isinstance(full, jax.Array)
+        assert_close((np.asarray(full)[0, :, :H, :W], np.asarray(sc)[0], np.asarray(lo)[0]), (masks, iou, low))
 
 
 def test_set_images_equals_one_by_one(tiny):

@@ -70,6 +70,7 @@ class Sam(nn.Module):
         mask_inputs: Optional[jax.Array] = None,
         multimask_output: bool = True,
         image_context: Optional[Dict[str, jax.Array]] = None,
+        image_pe: Optional[jax.Array] = None,
     ) -> Tuple[jax.Array, jax.Array]:
         """Decodes a batch of B prompts against image embeddings.
 
@@ -81,6 +82,7 @@ class Sam(nn.Module):
           multimask_output: static; True returns 3 masks per prompt, False one.
           image_context: optional `modeling.image_context(params, image_embeddings, pe)` of a
             (1, h, w, C) embedding: layer 0's image side precomputed (prompts without mask_inputs).
+          image_pe: optional `get_dense_pe()` computed beforehand (it is the same for every call).
 
         Returns:
           low-res mask logits (B, M, 4h, 4w) and IoU predictions (B, M), float32.
@@ -89,8 +91,9 @@ class Sam(nn.Module):
             raise ValueError("image_context holds the image side for prompts WITHOUT a mask input; "
                              "pass image_context=None with mask_inputs")
         sparse, dense, valid = self.prompt_encoder(point_coords, point_labels, boxes, mask_inputs)
-        masks, iou = self.mask_decoder(image_embeddings, self.prompt_encoder.get_dense_pe(), sparse,
-                                       dense, multimask_output, token_valid=valid, image_context=image_context)
+        pe = self.prompt_encoder.get_dense_pe() if image_pe is None else image_pe
+        masks, iou = self.mask_decoder(image_embeddings, pe, sparse, dense, multimask_output, token_valid=valid,
+                                       image_context=image_context)
         return masks.astype(jnp.float32), iou.astype(jnp.float32)
 
     def __call__(self, images, point_coords=None, point_labels=None, boxes=None, mask_inputs=None,
