@@ -184,7 +184,7 @@ def test_buckets():
     assert len(set(buckets)) <= 12  # few compilations across all sizes up to 5000
 
 
-def test_decoder_compiles_with_its_xla_options(pred, monkeypatch):
+def test_decoder_compiles_with_its_xla_options(pred):
     # The predictor's decoder and upscaling jits carry DECODER_XLA_OPTIONS when this XLA knows
     # them: no YNNPACK library fusion is left in the decoder's compiled program.
     opts = F.decoder_compiler_options()
@@ -195,7 +195,8 @@ def test_decoder_compiles_with_its_xla_options(pred, monkeypatch):
     args = (pred.model, pred._decoder_params, pred.image_embeddings[0], xy, np.ones((1, 1), np.int32), None, None)
     kw = dict(multimask_output=True, image_pe=pred._image_pe)
     default = jax.jit(F.decode_prompts, static_argnames=("model", "multimask_output"))
-    assert "__ynn_fusion" in default.lower(*args, **kw).compile().as_text()  # what the options turn off
+    if "__ynn_fusion" not in default.lower(*args, **kw).compile().as_text():
+        pytest.skip("this XLA makes no YNNPACK fusions by default: the options have nothing to turn off")
     assert "__ynn_fusion" not in F._decode.lower(*args, **kw).compile().as_text()
     # The same logits as under XLA's defaults, up to float rounding.
     got, want = F._decode(*args, **kw)[0], default(*args, **kw)[0]
