@@ -84,21 +84,21 @@ def _set_image(ctx: Context) -> Row:
 
 
 def _encoder_row(ctx: Context, name: str, dtype: Any) -> Row:
-    """The image encoder alone on the preprocessed 1024x1024 input (no resize, no transfer)."""
-    from sam_jax.modeling import Sam
+    """The image encoder alone on the preprocessed 1024x1024 input (no resize, no transfer), as
+    the predictor runs it (`functional.encode_staged`)."""
+    from sam_jax.functional import encode_staged
 
     resized = ctx.official.transform.apply_image(ctx.image)
     with torch.no_grad():
         x_t = ctx.official.model.preprocess(torch.as_tensor(resized).permute(2, 0, 1)[None].contiguous())
     x = jax.device_put(x_t.numpy().transpose(0, 2, 3, 1))  # the same (1, S, S, 3) input, NHWC
     model = sam_jax.build_sam(ctx.ours.model.config, dtype=dtype)
-    encode = jax.jit(lambda p, im: model.apply({"params": p}, im, method=Sam.encode_image))
 
     def official():
         with torch.no_grad():
             return ctx.official.model.image_encoder(x_t)
 
-    return Row(name, official, lambda: jax.block_until_ready(encode(ctx.ours.params, x)))
+    return Row(name, official, lambda: jax.block_until_ready(encode_staged(model, ctx.ours.params, x)))
 
 
 @row("encoder")

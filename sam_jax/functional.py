@@ -142,33 +142,27 @@ def decode_prompts(model: Sam, params: Params, image_embedding: jax.Array,
                        multimask_output, image_context, image_pe, method=Sam.decode)
 
 
-@partial(jax.jit, static_argnames=("model",))
-def _encode_split(model: Sam, params: Params, images: jax.Array, sizes: jax.Array) -> Tuple[jax.Array, ...]:
-    emb = encode_images(model, params, images, sizes)
-    # One (1, h, w, C) array per image: the decoder then sees one shape whatever the batch was.
-    return tuple(emb[i:i + 1] for i in range(emb.shape[0]))
-
-
 # XLA:CPU (jaxlib 0.10) by default hands each dot, with the elementwise ops and reductions around
-# it, to a YNNPACK "library fusion", which runs them one after another over whole tensors. The
-# decoder is ~100 small dots among LayerNorms and softmaxes: XLA's own loop fusions do better
-# there (same-run A/B on vit_b, 2 cores: predict_batch with 64 boxes 3.17 -> 2.73 s, AMG from an
-# embedding 32.0 -> 27.4 s; one point within noise). The encoder's big matmuls keep the default.
-DECODER_XLA_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# it, to a YNNPACK "library fusion", which runs them one after another over whole tensors. Most of
+# SAM runs better on XLA's own loop fusions: the decoder (~100 small dots among LayerNorms and
+# softmaxes; same-run A/B on vit_b, 2 cores: predict_batch with 64 boxes 3.17 -> 2.73 s, AMG from
+# an embedding 32.0 -> 27.4 s; one point within noise) and most of the encoder (see
+# `encoder_stages`). Jits built with `_TunedJit` compile with these options.
+CPU_XLA_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 @functools.lru_cache(maxsize=None)
-def decoder_compiler_options() -> Optional[Dict[str, str]]:
-    """`DECODER_XLA_OPTIONS` if this XLA knows them (checked once by a tiny compile), else None."""
+def cpu_compiler_options() -> Optional[Dict[str, str]]:
+    """`CPU_XLA_OPTIONS` if this XLA knows them (checked once by a tiny compile), else None."""
     try:
-        jax.jit(lambda x: x + 1, compiler_options=DECODER_XLA_OPTIONS).lower(np.zeros(1, np.float32)).compile()
+        jax.jit(lambda x: x + 1, compiler_options=CPU_XLA_OPTIONS).lower(np.zeros(1, np.float32)).compile()
     except Exception:  # a jax / XLA without the option (TypeError, JaxRuntimeError): its defaults
         return None
-    return dict(DECODER_XLA_OPTIONS)
+    return dict(CPU_XLA_OPTIONS)
 
 
-class _DecoderJit:
-    """`jax.jit(fun, **kw)` with `decoder_compiler_options()`, created at the first use (the check
+class _TunedJit:
+    """`jax.jit(fun, **kw)` with `cpu_compiler_options()`, created at the first use (the check
     compiles, which should not happen at import). Attributes are the jitted function's."""
 
     def __init__(self, fun, **kw):
@@ -177,7 +171,7 @@ class _DecoderJit:
 
     def _get(self):
         if self._jit is None:
-            opts = decoder_compiler_options()
+            opts = cpu_compiler_options()
             self._jit = jax.jit(self._fun, **self._kw, **({"compiler_options": opts} if opts else {}))
         return self._jit
 
@@ -190,15 +184,85 @@ class _DecoderJit:
         return getattr(self._get(), name)
 
 
-_decode = _DecoderJit(decode_prompts, static_argnames=("model", "multimask_output"))
+_decode = _TunedJit(decode_prompts, static_argnames=("model", "multimask_output"))
 _dense_pe = jax.jit(dense_pe, static_argnames=("model",))
 _image_context = jax.jit(image_context, static_argnames=("model",))
 
 
-@partial(_DecoderJit, static_argnames=("return_logits", "width_window"))
+@partial(_TunedJit, static_argnames=("return_logits", "width_window"))
 def _upscale(low_res: jax.Array, rows, cols, return_logits: bool, width_window: int = 0) -> jax.Array:
     logits = upscale_masks(low_res, rows, cols, width_window)
     return logits if return_logits else logits > MASK_THRESHOLD
+
+
+# --- The encoder as the predictor runs it. ---
+
+def encoder_stages(model: Sam) -> Tuple[Tuple[int, int, bool], ...]:
+    """(start, stop, xla_defaults) stages of the image encoder in half-blocks (see
+    `Sam.encode_image_layers`): the attention half of each global block alone, with XLA's default
+    options; everything between them in one stage each (vit_b: half-blocks 0-3, 4, 5-9, 10,
+    11-15, 16, 17-21, 22, 23)."""
+    cfg = model.config
+    stages, start = [], 0
+    for g in sorted(cfg.encoder_global_attn_indexes):
+        if start < 2 * g:
+            stages.append((start, 2 * g, False))
+        stages.append((2 * g, 2 * g + 1, True))
+        start = 2 * g + 1
+    stages.append((start, 2 * cfg.encoder_depth, False))
+    return tuple(stages)
+
+
+def _encoder_stage(model: Sam, params: Params, x: jax.Array, start: int, stop: int) -> jax.Array:
+    return model.apply({"params": params}, x, start, stop, method="encode_image_layers")
+
+
+# On XLA:CPU most of the encoder runs faster on XLA's own fusions than on its YNNPACK library
+# fusions (vit_b, 2 cores: a windowed block 837 -> 652 ms, where the 25 x 12 small attention
+# products and softmaxes suffer most; the MLP 390 -> 316 ms), but the global blocks' chunked
+# attention runs ~1.8x slower without them. One executable cannot mix the two, so on CPU the
+# encoder runs as a chain of `encoder_stages`, each compiled with the options that suit it
+# (whole encoder, same run: 11.7 -> 10.2 s).
+_encode_stage_default = jax.jit(_encoder_stage, static_argnames=("model", "start", "stop"))
+_encode_stage_no_ynn = _TunedJit(_encoder_stage, static_argnames=("model", "start", "stop"))
+_encode_whole = jax.jit(lambda model, params, x: model.apply({"params": params}, x, method=Sam.encode_image),
+                        static_argnums=(0,))
+
+
+def _stage_params(params: Params, start: int, stop: int, depth: int) -> Params:
+    enc = params["image_encoder"]
+    keep = {f"blocks_{i}" for i in range(start // 2, (stop + 1) // 2)}
+    if start == 0:
+        keep |= {"patch_embed", "pos_embed"}
+    if stop == 2 * depth:
+        keep |= {k for k in enc if k.startswith("neck_")}
+    return {"image_encoder": {k: v for k, v in enc.items() if k in keep}}
+
+
+def encode_staged(model: Sam, params: Params, x: jax.Array) -> jax.Array:
+    """`Sam.encode_image` on preprocessed images (B, S, S, 3) as `SamPredictor` runs it (call it as
+    is, not inside your own jit): on CPU, when XLA knows the options (`cpu_compiler_options`),
+    a chain of jitted `encoder_stages`, each compiled with the options it runs fastest with;
+    elsewhere one jit. The same embeddings up to float rounding; each stage compiles once per
+    batch size."""
+    if "image_encoder" not in params:
+        raise ValueError("params has no image_encoder subtree: expected a full SAM parameter tree")
+    if jax.default_backend() != "cpu" or cpu_compiler_options() is None:
+        return _encode_whole(model, params, x)
+    depth = model.config.encoder_depth
+    for start, stop, xla_defaults in encoder_stages(model):
+        run = _encode_stage_default if xla_defaults else _encode_stage_no_ynn
+        x = run(model, _stage_params(params, start, stop, depth), x, start=start, stop=stop)
+    return x
+
+
+_preprocess = jax.jit(preprocess_padded)
+
+
+def _encode_split(model: Sam, params: Params, images: jax.Array, sizes: jax.Array) -> Tuple[jax.Array, ...]:
+    emb = encode_staged(model, params, _preprocess(images, sizes))
+    # One (1, h, w, C) array per image: the decoder then sees one shape whatever the batch was.
+    return (emb,) if emb.shape[0] == 1 else tuple(emb[i:i + 1] for i in range(emb.shape[0]))
 
 
 def decoder_params(params: Params) -> Params:

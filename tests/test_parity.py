@@ -113,6 +113,19 @@ def test_image_encoder(encoded, ref):
     assert err <= EMBED_TOL
 
 
+def test_image_encoder_staged(encoded, ref):
+    """The encoder as SamPredictor runs it (`functional.encode_staged`: on CPU a chain of stages,
+    each its own executable with its own XLA options) against the official encoder."""
+    from sam_jax.functional import encode_staged
+
+    img, want, _ = encoded
+    s = ref.model.config.image_size
+    x = preprocess(jnp.asarray(resize_longest_side(img, s))[None], s)
+    err = max_rel_err(np.asarray(encode_staged(ref.model, ref.params, x)), want)
+    print(f"{ref.name} staged image embedding: max err / std = {err:.2e}")
+    assert err <= EMBED_TOL
+
+
 @pytest.mark.parametrize("case_name", list(prompt_cases(64)))
 def test_prompt_encoder(ref, case_name):
     s = ref.model.config.image_size

@@ -11,6 +11,7 @@ import pytest
 import skimage.data
 
 from conftest import COMPILE_EVENTS, count_compilations
+import sam_jax
 from sam_jax import PAD_LABEL, SamPredictor, decode_prompts
 from sam_jax import functional as F
 from sam_jax.transforms import upscale_masks
@@ -185,12 +186,12 @@ def test_buckets():
 
 
 def test_decoder_compiles_with_its_xla_options(pred):
-    # The predictor's decoder and upscaling jits carry DECODER_XLA_OPTIONS when this XLA knows
+    # The predictor's decoder and upscaling jits carry CPU_XLA_OPTIONS when this XLA knows
     # them: no YNNPACK library fusion is left in the decoder's compiled program.
-    opts = F.decoder_compiler_options()
+    opts = F.cpu_compiler_options()
     if opts is None:
         pytest.skip("this XLA does not know the decoder's options (it then uses its defaults)")
-    assert opts == F.DECODER_XLA_OPTIONS
+    assert opts == F.CPU_XLA_OPTIONS
     xy = np.array([[[20.0, 30.0]]], np.float32)
     args = (pred.model, pred._decoder_params, pred.image_embeddings[0], xy, np.ones((1, 1), np.int32), None, None)
     kw = dict(multimask_output=True, image_pe=pred._image_pe)
@@ -205,11 +206,67 @@ def test_decoder_compiles_with_its_xla_options(pred):
 
 def test_unknown_xla_options_fall_back_to_defaults(monkeypatch):
     # An XLA without the option (older or newer jaxlib) must not break decoding: no options then.
-    monkeypatch.setattr(F, "DECODER_XLA_OPTIONS", {"xla_sam_jax_no_such_option": ""})
-    F.decoder_compiler_options.cache_clear()
+    monkeypatch.setattr(F, "CPU_XLA_OPTIONS", {"xla_sam_jax_no_such_option": ""})
+    F.cpu_compiler_options.cache_clear()
     try:
-        assert F.decoder_compiler_options() is None
-        jitted = F._DecoderJit(lambda x: x * 2)
+        assert F.cpu_compiler_options() is None
+        jitted = F._TunedJit(lambda x: x * 2)
         assert float(jitted(jnp.float32(3.0))) == 6.0
     finally:
-        F.decoder_compiler_options.cache_clear()
+        F.cpu_compiler_options.cache_clear()
+
+
+def test_encoder_stages():
+    # vit_b: each global block's attention half alone, the rest grouped between them.
+    stages = F.encoder_stages(sam_jax.build_sam("vit_b"))
+    assert stages == ((0, 4, False), (4, 5, True), (5, 10, False), (10, 11, True), (11, 16, False),
+                      (16, 17, True), (17, 22, False), (22, 23, True), (23, 24, False))
+    for name in ("tiny", "vit_l", "vit_h"):
+        cfg = sam_jax.get_config(name)
+        stages = F.encoder_stages(sam_jax.build_sam(cfg))
+        assert stages[0][0] == 0 and stages[-1][1] == 2 * cfg.encoder_depth
+        assert all(a[1] == b[0] for a, b in zip(stages, stages[1:]))  # contiguous, in order
+        assert [s[0] // 2 for s in stages if s[2]] == sorted(cfg.encoder_global_attn_indexes)
+
+
+def test_staged_encoder_equals_one_jit(tiny):
+    rng = np.random.default_rng(0)
+    s = tiny.model.config.image_size
+    x = jnp.asarray(rng.normal(size=(2, s, s, 3)), jnp.float32)
+    want = F._encode_whole(tiny.model, tiny.params, x)
+    got = F.encode_staged(tiny.model, tiny.params, x)
+    assert got.shape == want.shape == (2, 10, 10, 48) and got.dtype == jnp.float32
+    # Different executables (and fusion options) per stage: float rounding only.
+    assert float(jnp.max(jnp.abs(got - want))) <= 1e-5 * float(jnp.std(want))
+    if F.cpu_compiler_options() is not None and jax.default_backend() == "cpu":
+        # The windowed stages carry the options: no YNNPACK fusion left where XLA makes them.
+        stage = F.encoder_stages(tiny.model)[0]
+        args = (tiny.model, F._stage_params(tiny.params, stage[0], stage[1], 3), x)
+        kw = dict(start=stage[0], stop=stage[1])
+        default = jax.jit(F._encoder_stage, static_argnames=("model", "start", "stop"))
+        if "__ynn_fusion" in default.lower(*args, **kw).compile().as_text():
+            assert "__ynn_fusion" not in F._encode_stage_no_ynn.lower(*args, **kw).compile().as_text()
+
+
+def test_encoder_layers_are_checked(tiny):
+    m, p = tiny.model, {"params": tiny.params}
+    tokens = jnp.zeros((1, 10, 10, 48), jnp.float32)
+    for bad in [(0, 0), (3, 2), (-1, 2), (0, 7)]:
+        with pytest.raises(ValueError, match=r"layers must be \(start, stop\) with 0 <= start < stop <= 6"):
+            m.apply(p, tokens, *bad, method="encode_image_layers")
+    with pytest.raises(ValueError, match=r"tokens between encoder stages must have shape \(B, 10, 10, 48\)"):
+        m.apply(p, jnp.zeros((1, 10, 10, 40)), 2, 4, method="encode_image_layers")
+    with pytest.raises(ValueError, match=r"images must have shape \(B, 160, 160, 3\)"):
+        m.apply(p, tokens, 0, 2, method="encode_image_layers")
+
+
+def test_staged_encoder_without_the_options_is_one_jit(tiny, monkeypatch):
+    # Where the options are unknown (or off the CPU) the encoder is the one-jit encoder.
+    monkeypatch.setattr(F, "CPU_XLA_OPTIONS", {"xla_sam_jax_no_such_option": ""})
+    F.cpu_compiler_options.cache_clear()
+    try:
+        x = jnp.asarray(np.random.default_rng(1).normal(size=(1, 160, 160, 3)), jnp.float32)
+        got = F.encode_staged(tiny.model, tiny.params, x)
+        assert np.array_equal(np.asarray(got), np.asarray(F._encode_whole(tiny.model, tiny.params, x)))
+    finally:
+        F.cpu_compiler_options.cache_clear()

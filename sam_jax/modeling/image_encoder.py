@@ -172,16 +172,20 @@ class Block(nn.Module):
     dtype: Dtype = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, part: str = "both") -> jax.Array:
+        """part: "both" (the block), "attn" (its attention half) or "mlp" (its MLP half)."""
+        if part not in ("both", "attn", "mlp"):
+            raise ValueError(f"part must be 'both', 'attn' or 'mlp', got {part!r}")
         dim = x.shape[-1]
-        shortcut = x
-        x = layer_norm(SAM_LN_EPS, "norm1", self.dtype)(x)
-        size = self.window_size if self.window_size > 0 else self.grid_size
-        x = Attention(self.num_heads, (size, size), dtype=self.dtype, window_size=self.window_size,
-                      name="attn")(x)
-        x = shortcut + x
-        y = layer_norm(SAM_LN_EPS, "norm2", self.dtype)(x)
-        return x + MLPBlock(int(dim * self.mlp_ratio), gelu, dtype=self.dtype, name="mlp")(y)
+        if part != "mlp":
+            y = layer_norm(SAM_LN_EPS, "norm1", self.dtype)(x)
+            size = self.window_size if self.window_size > 0 else self.grid_size
+            x = x + Attention(self.num_heads, (size, size), dtype=self.dtype, window_size=self.window_size,
+                              name="attn")(y)
+        if part != "attn":
+            y = layer_norm(SAM_LN_EPS, "norm2", self.dtype)(x)
+            x = x + MLPBlock(int(dim * self.mlp_ratio), gelu, dtype=self.dtype, name="mlp")(y)
+        return x
 
 
 class ImageEncoderViT(nn.Module):
@@ -200,20 +204,40 @@ class ImageEncoderViT(nn.Module):
     remat_blocks: bool = False  # recompute block activations in the backward pass (fine-tuning)
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, layers: Optional[Tuple[int, int]] = None) -> jax.Array:
+        """layers=None runs everything. layers=(start, stop) runs one stage of the encoder, counted
+        in half-blocks (2i: block i's attention half, 2i + 1: its MLP half): the patch embedding
+        first when start == 0 (x is then the images), half-blocks start..stop-1, and the neck when
+        stop == 2 * depth; otherwise x and the result are the (B, h, w, embed_dim) token grid.
+        Stages chained over 0..2 * depth compute the same as layers=None."""
         grid = self.img_size // self.patch_size
-        if x.ndim != 4 or x.shape[1:] != (self.img_size, self.img_size, 3):
-            raise ValueError(f"images must have shape (B, {self.img_size}, {self.img_size}, 3) "
-                             f"(NHWC, normalised and padded), got {tuple(x.shape)}")
-        p = self.patch_size
-        x = PatchEmbed(self.embed_dim, p, dtype=self.dtype, name="patch_embed")(x)
-        pos_embed = self.param("pos_embed", nn.initializers.zeros, (1, grid, grid, self.embed_dim))
-        x = x + pos_embed.astype(x.dtype)
-        block_cls = nn.remat(Block) if self.remat_blocks else Block
-        for i in range(self.depth):
-            window = 0 if i in self.global_attn_indexes else self.window_size
-            x = block_cls(self.num_heads, self.mlp_ratio, window, grid, dtype=self.dtype,
-                      name=f"blocks_{i}")(x)
+        n = 2 * self.depth
+        start, stop = (0, n) if layers is None else (int(layers[0]), int(layers[1]))
+        if not 0 <= start < stop <= n:
+            raise ValueError(f"layers must be (start, stop) with 0 <= start < stop <= {n}, got {layers}")
+        if start == 0:
+            if x.ndim != 4 or x.shape[1:] != (self.img_size, self.img_size, 3):
+                raise ValueError(f"images must have shape (B, {self.img_size}, {self.img_size}, 3) "
+                                 f"(NHWC, normalised and padded), got {tuple(x.shape)}")
+            p = self.patch_size
+            x = PatchEmbed(self.embed_dim, p, dtype=self.dtype, name="patch_embed")(x)
+            pos_embed = self.param("pos_embed", nn.initializers.zeros, (1, grid, grid, self.embed_dim))
+            x = x + pos_embed.astype(x.dtype)
+        elif x.ndim != 4 or x.shape[1:] != (grid, grid, self.embed_dim):
+            raise ValueError(f"tokens between encoder stages must have shape (B, {grid}, {grid}, "
+                             f"{self.embed_dim}), got {tuple(x.shape)}")
+        i = start
+        while i < stop:
+            b = i // 2
+            window = 0 if b in self.global_attn_indexes else self.window_size
+            whole = i % 2 == 0 and i + 2 <= stop
+            # Remat only matters under a gradient (training runs whole blocks, layers=None).
+            block_cls = nn.remat(Block) if self.remat_blocks and whole else Block
+            block = block_cls(self.num_heads, self.mlp_ratio, window, grid, dtype=self.dtype, name=f"blocks_{b}")
+            x = block(x) if whole else block(x, "attn" if i % 2 == 0 else "mlp")
+            i += 2 if whole else 1
+        if stop < n:
+            return x
         # Neck: names follow the official nn.Sequential indices 0..3.
         x = _Conv1x1(self.out_chans, dtype=self.dtype, name="neck_0")(x)
         x = layer_norm(SAM_LN_EPS, "neck_1", self.dtype)(x)

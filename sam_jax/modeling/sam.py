@@ -53,6 +53,14 @@ class Sam(nn.Module):
         """(B, S, S, 3) preprocessed NHWC images -> (B, h, w, C) NHWC embeddings (float32)."""
         return self.image_encoder(images).astype(jnp.float32)
 
+    def encode_image_layers(self, x: jax.Array, start: int, stop: int) -> jax.Array:
+        """One stage of `encode_image`: the image encoder's half-blocks start..stop-1 (static; 2i
+        is block i's attention half, 2i + 1 its MLP half; see `ImageEncoderViT.__call__`). x is the
+        preprocessed images when start == 0, else the token grid the previous stage returned; the
+        last stage (stop == 2 * depth) returns the float32 embeddings."""
+        out = self.image_encoder(x, layers=(start, stop))
+        return out.astype(jnp.float32) if stop == 2 * self.config.encoder_depth else out
+
     def encode_prompts(self, point_coords=None, point_labels=None, boxes=None, mask_inputs=None):
         """See `PromptEncoder.__call__`: returns (sparse (B,T,C), dense (B,h,w,C), token_valid (B,T))."""
         return self.prompt_encoder(point_coords, point_labels, boxes, mask_inputs)
