@@ -26,7 +26,6 @@ from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from . import inputs
@@ -161,9 +160,15 @@ def cpu_compiler_options() -> Optional[Dict[str, str]]:
     return dict(CPU_XLA_OPTIONS)
 
 
+def jit_tuned(fun, **kw):
+    """`jax.jit(fun, **kw)`, compiled with `cpu_compiler_options()` when this XLA knows them."""
+    opts = cpu_compiler_options()
+    return jax.jit(fun, **kw, **({"compiler_options": opts} if opts else {}))
+
+
 class _TunedJit:
-    """`jax.jit(fun, **kw)` with `cpu_compiler_options()`, created at the first use (the check
-    compiles, which should not happen at import). Attributes are the jitted function's."""
+    """`jit_tuned(fun, **kw)` created at the first use (the options check compiles, which should
+    not happen at import). Attributes are the jitted function's."""
 
     def __init__(self, fun, **kw):
         self._fun, self._kw, self._jit = fun, kw, None
@@ -171,8 +176,7 @@ class _TunedJit:
 
     def _get(self):
         if self._jit is None:
-            opts = cpu_compiler_options()
-            self._jit = jax.jit(self._fun, **self._kw, **({"compiler_options": opts} if opts else {}))
+            self._jit = jit_tuned(self._fun, **self._kw)
         return self._jit
 
     def __call__(self, *args, **kwargs):

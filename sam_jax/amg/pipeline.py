@@ -25,14 +25,14 @@ indices of the CROP; `crop_box` is [x0, y0, x1, y1] of the crop in the image; si
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ..functional import encode_images
+from ..functional import encode_images, jit_tuned
 from ..modeling import Sam
 from ..transforms import upscale_masks
 from . import ops
@@ -55,10 +55,10 @@ _CACHE: Dict[Any, Callable] = {}
 
 
 def sharded(key: Tuple[Any, ...], fn: Callable, mesh: Mesh, n_replicated: int,
-            donate: Tuple[int, ...] = (), compiler_options: Optional[Dict[str, Any]] = None) -> Callable:
+            donate: Tuple[int, ...] = (), tuned: bool = False) -> Callable:
     """jit(shard_map(fn)) over `mesh`: the first `n_replicated` args are replicated (params,
     thresholds), the rest carry the job axis. Cached per (key, mesh); `key` names `fn` and its
-    static arguments (`compiler_options` too: they are fixed per key)."""
+    static arguments. tuned: compile with `functional.jit_tuned` (XLA's own fusions on CPU)."""
     key = (*key, mesh)
     if key not in _CACHE:
         def body(*args):
@@ -71,8 +71,7 @@ def sharded(key: Tuple[Any, ...], fn: Callable, mesh: Mesh, n_replicated: int,
         def call(*args):
             return jax.shard_map(body, mesh=mesh, in_specs=specs(*args), out_specs=P(AXIS),
                                  check_vma=False)(*args)
-        extra = {"compiler_options": compiler_options} if compiler_options else {}
-        _CACHE[key] = jax.jit(call, donate_argnums=donate, **extra)
+        _CACHE[key] = (jit_tuned if tuned else jax.jit)(call, donate_argnums=donate)
     return _CACHE[key]
 
 

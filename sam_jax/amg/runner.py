@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from ..build import Params
-from ..functional import cpu_compiler_options, prepare_images
+from ..functional import prepare_images
 from ..modeling import Sam
 from ..transforms import get_preprocess_shape, mask_upscale_taps
 from . import pipeline as pl
@@ -174,10 +174,9 @@ class Runner:
         chunk = max(1, min(m, CHUNK_PIXELS // (hp * wp)))
         dchunk = min(b, DECODE_CHUNK)
         # The decoder's small dots run better on XLA's own fusions (see functional.CPU_XLA_OPTIONS).
-        opts = cpu_compiler_options()
         decode = pl.sharded(("decode", model, dchunk), partial(pl.decode_job, model, chunk=dchunk), mesh, 2,
-                            compiler_options=opts)
-        filt = pl.sharded(("filter", chunk), partial(pl.filter_job, chunk=chunk), mesh, 1, compiler_options=opts)
+                            tuned=True)
+        filt = pl.sharded(("filter", chunk), partial(pl.filter_job, chunk=chunk), mesh, 1, tuned=True)
         append = pl.sharded(("append",), pl.append_job, mesh, 0, donate=(0,))
         thresholds = pl.replicate(self.thresholds, mesh)
 
