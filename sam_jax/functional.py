@@ -146,7 +146,7 @@ def decode_prompts(model: Sam, params: Params, image_embedding: jax.Array,
 # SAM runs better on XLA's own loop fusions: the decoder (~100 small dots among LayerNorms and
 # softmaxes; same-run A/B on vit_b, 2 cores: predict_batch with 64 boxes 3.17 -> 2.73 s, AMG from
 # an embedding 32.0 -> 27.4 s; one point within noise) and most of the encoder (see
-# `encoder_stages`). Jits built with `_TunedJit` compile with these options.
+# `encoder_stages`). `jit_tuned` (and `_TunedJit`) compile with these options.
 CPU_XLA_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
