@@ -85,14 +85,17 @@ class MaskDecoder(nn.Module):
         x = gelu(layer_norm(SAM_LN_EPS, "output_upscaling_1", self.dtype)(x))
         upscaled = gelu(_ConvTranspose2x2(c // 4, c // 8, self.dtype, name="output_upscaling_3")(x))
 
-        hyper_in = jnp.stack([
-            MLP(c, c // 8, 3, dtype=self.dtype, name=f"output_hypernetworks_mlps_{i}")(mask_tokens_out[:, i])
-            for i in range(n_mask)], axis=1)  # (B, n_mask, C/8)
+        # Only the masks that are returned (officially all n_mask are computed, then sliced): the
+        # hypernetwork MLPs of the others run only while initialising, to create their params.
+        sl = slice(1, None) if multimask_output else slice(0, 1)
+        wanted = range(n_mask)[sl]
+        hyper = {i: MLP(c, c // 8, 3, dtype=self.dtype, name=f"output_hypernetworks_mlps_{i}")(mask_tokens_out[:, i])
+                 for i in (range(n_mask) if self.is_initializing() else wanted)}
+        hyper_in = jnp.stack([hyper[i] for i in wanted], axis=1)  # (B, M, C/8)
         iou_pred = MLP(self.iou_head_hidden_dim, n_mask, self.iou_head_depth, dtype=self.dtype,
                        name="iou_prediction_head")(iou_token_out)
 
-        sl = slice(1, None) if multimask_output else slice(0, 1)
-        masks = jnp.einsum("bmc,bhwikjlc->bmhijwkl", hyper_in[:, sl], upscaled.astype(hyper_in.dtype))
+        masks = jnp.einsum("bmc,bhwikjlc->bmhijwkl", hyper_in, upscaled.astype(hyper_in.dtype))
         return masks.reshape(*masks.shape[:2], 4 * hh, 4 * ww), iou_pred[:, sl]
 
 
