@@ -1,14 +1,14 @@
 """sam_jax `SamPredictor` vs the official PyTorch `SamPredictor`, on the same weights, in one run.
 
-    python bench/predictor.py [--model vit_b] [--repeats 5] [--image coffee] [--torch-threads N]
+    python bench/predictor.py [--model vit_b] [--repeats 5] [--min-time 10] [--image coffee] [--torch-threads N]
                               [--rows ROW ...] [--json bench/predictor_results.json] [--no-memory]
 
 Both sides get the same randomised full-size checkpoint: the official model is built and every
 tensor randomised by tests/reference.py, saved as .pth, converted by the real converter
 (`python -m convert`), and loaded with `sam_jax.load`. Each row is timed interleaved (official,
-then sam_jax, `--repeats` times) after one warm-up call per side; the table shows medians, their
-ratio, and the "paired" ratio (median over repeats of sam_jax / the official call just
-before). The first sam_jax call of a row (tracing + XLA compilation, for the shapes of that row)
+then sam_jax, `--repeats` times, and fast rows until `--min-time` seconds have passed) after one
+warm-up call per side; the table shows the number of repeats, medians, their ratio, and the
+"paired" ratio (median over repeats of sam_jax / the official call just before). The first sam_jax call of a row (tracing + XLA compilation, for the shapes of that row)
 is reported separately. Rows are a registry: add one with `@row("name")` below:
 set_image (resize + encoder), encoder (encoder alone on the same preprocessed input), encoder bf16
 (sam_jax computing in bf16, params fp32, against the official fp32), predict 1 point (multimask,
@@ -159,11 +159,14 @@ def build(model_type: str, workdir: str):
     return OfficialPredictor(tm), sam_jax.SamPredictor(model, params)
 
 
-def run_row(r: Row, repeats: int, settle: float) -> Dict[str, Any]:
+def run_row(r: Row, repeats: int, settle: float, min_time: float = 0.0) -> Dict[str, Any]:
     first_ours = _timed(r.ours)  # trace + compile + run
     first_official = _timed(r.official)
     official, ours = [], []
-    for _ in range(repeats):
+    start = time.perf_counter()
+    # At least `repeats` pairs, and fast rows until `min_time` has passed: a median over a few
+    # 0.1 s calls on a shared VM moves by +-10% from run to run.
+    while len(official) < repeats or time.perf_counter() - start < min_time:
         # --settle > 0: each timed call starts after a pause (the first click after idle).
         time.sleep(settle)
         official.append(_timed(r.official))
@@ -173,7 +176,7 @@ def run_row(r: Row, repeats: int, settle: float) -> Dict[str, Any]:
     # "paired": the median over repeats of (sam_jax / the official call just before it), which a
     # drift in the machine's speed during the run (shared VMs) moves less than the medians' ratio.
     paired = statistics.median(j / o for o, j in zip(official, ours))
-    return {"name": r.name, "official_s": med_o, "sam_jax_s": med_j, "ratio": med_j / med_o,
+    return {"name": r.name, "repeats": len(official), "official_s": med_o, "sam_jax_s": med_j, "ratio": med_j / med_o,
             "paired_ratio": paired,
             "sam_jax_first_call_s": first_ours, "official_first_call_s": first_official,
             "official_all_s": official, "sam_jax_all_s": ours}
@@ -210,12 +213,12 @@ def measure_memory(workdir: str, args) -> Dict[str, float]:
 
 
 def print_table(results: List[Dict[str, Any]]) -> None:
-    head = (f"{'row':<20} {'official s':>11} {'sam_jax s':>10} {'ratio':>7} {'paired':>7} "
+    head = (f"{'row':<20} {'n':>4} {'official s':>11} {'sam_jax s':>10} {'ratio':>7} {'paired':>7} "
             f"{'sam_jax 1st call s':>19}")
     print(head)
     print("-" * len(head))
     for r in results:
-        print(f"{r['name']:<20} {r['official_s']:>11.4f} {r['sam_jax_s']:>10.4f} {r['ratio']:>7.3f} "
+        print(f"{r['name']:<20} {r['repeats']:>4} {r['official_s']:>11.4f} {r['sam_jax_s']:>10.4f} {r['ratio']:>7.3f} "
               f"{r['paired_ratio']:>7.3f} {r['sam_jax_first_call_s']:>19.2f}")
 
 
@@ -229,6 +232,9 @@ def main(argv=None) -> int:
     p.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1,
                    help="torch intra-op threads (default: all cores). On a busy machine torch's OpenMP "
                         "barriers stall when a thread is descheduled: 1 thread is then the fairer baseline")
+    p.add_argument("--min-time", type=float, default=10.0,
+                   help="seconds each row keeps repeating for, past --repeats (default 10: fast rows "
+                        "such as predict 1 point get ~70 repeats, slow rows exactly --repeats)")
     p.add_argument("--settle", type=float, default=0.0,
                    help="seconds of idle before each timed call (default 0: back to back). A pause "
                         "measures the first click after idle instead: on the 2-core VM both sides then "
@@ -237,6 +243,8 @@ def main(argv=None) -> int:
     p.add_argument("--memory-child", choices=["official", "sam_jax"], help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.repeats < 1 or args.min_time < 0:
+        p.error("--repeats must be >= 1 and --min-time >= 0")
 
     torch.set_num_threads(args.torch_threads)
     if args.memory_child:
@@ -254,7 +262,7 @@ def main(argv=None) -> int:
               "compete for the CPU; torch's OpenMP threads suffer more from that than XLA's", flush=True)
     results = []
     for name in args.rows:
-        r = run_row(ROWS[name](ctx), args.repeats, args.settle)
+        r = run_row(ROWS[name](ctx), args.repeats, args.settle, args.min_time)
         results.append(r)
         print(f"  {name}: official {r['official_s']:.4f} s, sam_jax {r['sam_jax_s']:.4f} s", flush=True)
     print_table(results)
@@ -266,7 +274,7 @@ def main(argv=None) -> int:
               f"sam_jax {memory['sam_jax']:.0f} MB")
     tmp.cleanup()
     meta = {"model": args.model, "image": args.image, "image_shape": list(image.shape),
-            "repeats": args.repeats, "settle_s": args.settle, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "repeats": args.repeats, "min_time_s": args.min_time, "settle_s": args.settle, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "jax": jax.__version__, "torch": torch.__version__, "jax_device": str(jax.devices()[0]),
             "machine": platform.platform(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
             "rows": results, "peak_rss_mb": memory}
