@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 from typing import Dict, List, Tuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -35,7 +35,7 @@ def full_step(setup):
 @pytest.fixture(scope="module")
 def setup(tiny):
     model, params = tiny.model, tiny.params  # randomised official weights (conftest)
-    s, g = model.config.image_size, model.config.embedding_size
+    s = model.config.image_size
     yy, xx = np.mgrid[:s, :s]
     masks = np.stack([(np.abs(xx - 50) < 25) & (np.abs(yy - 60) < 18), (xx - 110) ** 2 + (yy - 90) ** 2 < 600])
     batch_masks = jnp.asarray(np.stack([masks, masks[::-1]]))  # (B=2, K=2, S, S)
