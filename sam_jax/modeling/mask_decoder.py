@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .common import SAM_LN_EPS, Dtype, MLP, gelu, layer_norm
+from .common import SAM_LN_EPS, Dtype, MatmulLayerNorm, MLP, gelu
 from .transformer import TwoWayTransformer
 
 
@@ -82,7 +82,7 @@ class MaskDecoder(nn.Module):
         # in that blocked layout, (b, h, w, a, b', a2, b2, C/8) = pixel (4h + 2a + a2, 4w + 2b' + b2),
         # until the final product with the hypernetwork vectors, which interleaves only M masks.
         x = _ConvTranspose2x2(c, c // 4, self.dtype, name="output_upscaling_0")(x)  # (b, h, w, 2, 2, C/4)
-        x = gelu(layer_norm(SAM_LN_EPS, "output_upscaling_1", self.dtype)(x))
+        x = gelu(MatmulLayerNorm(SAM_LN_EPS, self.dtype, name="output_upscaling_1")(x))
         upscaled = gelu(_ConvTranspose2x2(c // 4, c // 8, self.dtype, name="output_upscaling_3")(x))
 
         # Only the masks that are returned (officially all n_mask are computed, then sliced): the

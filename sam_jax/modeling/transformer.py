@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .common import TORCH_LN_EPS, Dtype, MLPBlock, layer_norm
+from .common import TORCH_LN_EPS, Dtype, MatmulLayerNorm, MLPBlock, layer_norm
 
 
 class _DenseParams(nn.Module):
@@ -207,7 +207,7 @@ class TwoWayAttentionBlock(nn.Module):
             keys = keys + i2t(k, q, queries, token_valid)
         else:
             keys = keys + i2t(None, q, queries, token_valid, projected={"q": image_context["i2t_q"]})
-        keys = layer_norm(TORCH_LN_EPS, "norm4", dt)(keys)
+        keys = MatmulLayerNorm(TORCH_LN_EPS, dt, name="norm4")(keys)
         return queries, keys
 
 
