@@ -10,15 +10,22 @@ import jax.numpy as jnp
 
 from .config import ConfigLike, SamConfig, get_config
 from .modeling import Sam
+from .modeling.image_encoder import check_attention_impl
 
 Params = Dict[str, Any]
 
 
-def build_sam(config: ConfigLike = "vit_h", dtype: Any = None, remat_encoder: bool = False) -> Sam:
+def build_sam(config: ConfigLike = "vit_h", dtype: Any = None, remat_encoder: bool = False,
+              attention_impl: str = "chunked") -> Sam:
     """Returns the `Sam` module for a preset name ("vit_b", "vit_l", "vit_h", "default", "tiny")
     or a `SamConfig`. `dtype` is the compute dtype (e.g. jnp.bfloat16); params stay as given.
-    `remat_encoder` recomputes encoder-block activations in the backward pass (saves memory)."""
-    return Sam(get_config(config), dtype=dtype, remat_encoder=remat_encoder)
+    `remat_encoder` recomputes encoder-block activations in the backward pass (saves memory).
+    `attention_impl` is the encoder's attention: "chunked" (default; fastest on CPU) or
+    "dot_product_attention" (`jax.nn.dot_product_attention`, cuDNN on GPUs in bf16); see
+    `modeling.image_encoder.ATTENTION_IMPLS`. A loaded model switches with
+    `model.clone(attention_impl=...)`."""
+    check_attention_impl(attention_impl)
+    return Sam(get_config(config), dtype=dtype, remat_encoder=remat_encoder, attention_impl=attention_impl)
 
 
 def _dummy_inputs(config: SamConfig):

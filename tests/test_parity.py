@@ -126,6 +126,28 @@ def test_image_encoder_staged(encoded, ref):
     assert err <= EMBED_TOL
 
 
+def test_image_encoder_dot_product_attention(encoded, ref):
+    """attention_impl="dot_product_attention" (`jax.nn.dot_product_attention` with the relative
+    positions as a dense bias: cuDNN's fused attention on GPUs) against the official encoder."""
+    img, want, _ = encoded
+    s = ref.model.config.image_size
+    x = preprocess(jnp.asarray(resize_longest_side(img, s))[None], s)
+    model = ref.model.clone(attention_impl="dot_product_attention")
+    err = max_rel_err(np.asarray(model.apply({"params": ref.params}, x, method=sam_jax.Sam.encode_image)), want)
+    print(f"{ref.name} image embedding, dot_product_attention: max err / std = {err:.2e}")
+    assert err <= EMBED_TOL
+
+
+def test_attention_impl_is_checked():
+    with pytest.raises(ValueError, match="attention_impl must be one of"):
+        sam_jax.build_sam("tiny", attention_impl="flash")
+    with pytest.raises(ValueError, match="attention_impl must be one of"):
+        cfg = sam_jax.get_config("tiny")
+        model = sam_jax.Sam(cfg, attention_impl="Chunked")  # built directly: checked when set up
+        model.init(jax.random.PRNGKey(0), jnp.zeros((1, cfg.image_size, cfg.image_size, 3)),
+                   method=sam_jax.Sam.encode_image)
+
+
 @pytest.mark.parametrize("case_name", list(prompt_cases(64)))
 def test_prompt_encoder(ref, case_name):
     s = ref.model.config.image_size

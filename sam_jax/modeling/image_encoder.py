@@ -66,6 +66,21 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: jax.Array) -> jax.Array:
 CHUNK_BYTES = 4 << 20
 
 
+# How the encoder's attention is computed. "chunked": the scores as einsums with the relative
+# positions added, softmax, then the values; on CPU the global blocks process a few grid rows of
+# queries at a time (`auto_chunk_rows`), which XLA:CPU runs fastest. "dot_product_attention":
+# `jax.nn.dot_product_attention` with the relative positions as a dense bias, which on a GPU runs
+# cuDNN's fused attention for bf16 / fp16 compute (the bias holds heads x N x N values per image:
+# 805 MB in fp32 for a vit_h global block). Both give the same embeddings up to float rounding
+# (tests/test_layers.py).
+ATTENTION_IMPLS = ("chunked", "dot_product_attention")
+
+
+def check_attention_impl(impl: str) -> None:
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {list(ATTENTION_IMPLS)}, got {impl!r}")
+
+
 def rel_pos_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: jax.Array, rel_w: jax.Array,
                       chunk_rows: Optional[int] = None) -> jax.Array:
     """softmax(scale * q.k + rel_h + rel_w) @ v over a grid.
@@ -127,9 +142,11 @@ class Attention(nn.Module):
     input_size: Tuple[int, int]
     dtype: Dtype = None
     window_size: int = 0
+    attention_impl: str = "chunked"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        check_attention_impl(self.attention_impl)
         dim = x.shape[-1]
         n, hd = self.num_heads, dim // self.num_heads
         rel_pos_h = self.param("rel_pos_h", nn.initializers.zeros, (2 * self.input_size[0] - 1, hd))
@@ -155,8 +172,17 @@ class Attention(nn.Module):
         q = q.reshape(b, n, h, w, hd)
         rel_h = jnp.einsum("bnhwc,hkc->bnhwk", q, get_rel_pos(h, h, rel_pos_h).astype(q.dtype))
         rel_w = jnp.einsum("bnhwc,wkc->bnhwk", q, get_rel_pos(w, w, rel_pos_w).astype(q.dtype))
-        out = rel_pos_attention(q * (hd ** -0.5), k, v, rel_h, rel_w, auto_chunk_rows(h, w))
-        out = out.transpose(0, 2, 1, 3).reshape(b, h, w, dim)
+        if self.attention_impl == "dot_product_attention":
+            # The decomposed relative positions as a dense (B, nH, N, N) bias: cuDNN's fused
+            # attention on GPUs (bf16 / fp16), XLA's elsewhere.
+            bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, n, h * w, h * w)
+            bthd = lambda t: t.transpose(0, 2, 1, 3)  # (B, nH, N, hd) -> (B, N, nH, hd)
+            out = jax.nn.dot_product_attention(bthd(q.reshape(b, n, h * w, hd)), bthd(k), bthd(v),
+                                               bias=bias.astype(q.dtype), scale=hd ** -0.5)
+            out = out.reshape(b, h, w, dim)
+        else:
+            out = rel_pos_attention(q * (hd ** -0.5), k, v, rel_h, rel_w, auto_chunk_rows(h, w))
+            out = out.transpose(0, 2, 1, 3).reshape(b, h, w, dim)
         if self.window_size > 0:
             out = window_unpartition(out, self.window_size, padded, (gh, gw))
         return nn.Dense(dim, dtype=self.dtype, name="proj")(out)
@@ -170,6 +196,7 @@ class Block(nn.Module):
     window_size: int
     grid_size: int
     dtype: Dtype = None
+    attention_impl: str = "chunked"
 
     @nn.compact
     def __call__(self, x: jax.Array, part: str = "both") -> jax.Array:
@@ -181,7 +208,7 @@ class Block(nn.Module):
             y = layer_norm(SAM_LN_EPS, "norm1", self.dtype)(x)
             size = self.window_size if self.window_size > 0 else self.grid_size
             x = x + Attention(self.num_heads, (size, size), dtype=self.dtype, window_size=self.window_size,
-                              name="attn")(y)
+                              attention_impl=self.attention_impl, name="attn")(y)
         if part != "attn":
             y = layer_norm(SAM_LN_EPS, "norm2", self.dtype)(x)
             x = x + MLPBlock(int(dim * self.mlp_ratio), gelu, dtype=self.dtype, name="mlp")(y)
@@ -202,6 +229,7 @@ class ImageEncoderViT(nn.Module):
     out_chans: int = 256
     dtype: Dtype = None
     remat_blocks: bool = False  # recompute block activations in the backward pass (fine-tuning)
+    attention_impl: str = "chunked"  # see ATTENTION_IMPLS
 
     @nn.compact
     def __call__(self, x: jax.Array, layers: Optional[Tuple[int, int]] = None) -> jax.Array:
@@ -233,7 +261,8 @@ class ImageEncoderViT(nn.Module):
             whole = i % 2 == 0 and i + 2 <= stop
             # Remat only matters under a gradient (training runs whole blocks, layers=None).
             block_cls = nn.remat(Block) if self.remat_blocks and whole else Block
-            block = block_cls(self.num_heads, self.mlp_ratio, window, grid, dtype=self.dtype, name=f"blocks_{b}")
+            block = block_cls(self.num_heads, self.mlp_ratio, window, grid, dtype=self.dtype,
+                              attention_impl=self.attention_impl, name=f"blocks_{b}")
             x = block(x) if whole else block(x, "attn" if i % 2 == 0 else "mlp")
             i += 2 if whole else 1
         if stop < n:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from ..config import SamConfig
 from .common import Dtype
-from .image_encoder import ImageEncoderViT
+from .image_encoder import ImageEncoderViT, check_attention_impl
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
 
@@ -32,14 +32,17 @@ class Sam(nn.Module):
     config: SamConfig
     dtype: Dtype = None
     remat_encoder: bool = False
+    attention_impl: str = "chunked"
 
     def setup(self) -> None:
         cfg = self.config
+        check_attention_impl(self.attention_impl)
         self.image_encoder = ImageEncoderViT(
             embed_dim=cfg.encoder_embed_dim, depth=cfg.encoder_depth, num_heads=cfg.encoder_num_heads,
             global_attn_indexes=cfg.encoder_global_attn_indexes, img_size=cfg.image_size,
             patch_size=cfg.patch_size, window_size=cfg.window_size, mlp_ratio=cfg.mlp_ratio,
-            out_chans=cfg.prompt_embed_dim, dtype=self.dtype, remat_blocks=self.remat_encoder)
+            out_chans=cfg.prompt_embed_dim, dtype=self.dtype, remat_blocks=self.remat_encoder,
+            attention_impl=self.attention_impl)
         self.prompt_encoder = PromptEncoder(
             embed_dim=cfg.prompt_embed_dim, image_embedding_size=cfg.embedding_size,
             input_image_size=cfg.image_size, mask_in_chans=cfg.mask_in_chans, dtype=self.dtype)
