@@ -1,15 +1,16 @@
 """sam_jax `SamPredictor` vs the official PyTorch `SamPredictor`, on the same weights, in one run.
 
-    python bench/predictor.py [--model vit_b] [--repeats 5] [--min-time 10] [--image coffee] [--torch-threads N]
-                              [--rows ROW ...] [--json bench/predictor_results.json] [--no-memory]
+    python bench/predictor.py [--model vit_b] [--repeats 5] [--min-time 10] [--image coffee]
+                              [--torch-threads N] [--rows ROW ...] [--json FILE] [--no-memory]
 
 Both sides get the same randomised full-size checkpoint: the official model is built and every
 tensor randomised by tests/reference.py, saved as .pth, converted by the real converter
 (`python -m convert`), and loaded with `sam_jax.load`. Each row is timed interleaved (official,
 then sam_jax, `--repeats` times, and fast rows until `--min-time` seconds have passed) after one
 warm-up call per side; the table shows the number of repeats, medians, their ratio, and the
-"paired" ratio (median over repeats of sam_jax / the official call just before). The first sam_jax call of a row (tracing + XLA compilation, for the shapes of that row)
-is reported separately. Rows are a registry: add one with `@row("name")` below:
+"paired" ratio (median over repeats of sam_jax / the official call just before). The first
+sam_jax call of a row (tracing + XLA compilation, for the shapes of that row) is reported
+separately. Rows are a registry: add one with `@row("name")` below:
 set_image (resize + encoder), encoder (encoder alone on the same preprocessed input), encoder bf16
 (sam_jax computing in bf16, params fp32, against the official fp32), predict 1 point (multimask,
 full-size masks), predict 64 boxes. Peak memory: each side alone in a fresh process loads the
