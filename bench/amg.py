@@ -16,6 +16,11 @@ measured alone; the embedding for the "from embedding" rows is computed by the p
 from a .npy file. sam_jax's first call (tracing + compilation) is timed separately from the
 steady-state calls. The load average is recorded around each child: this machine may be shared.
 
+The official side runs on `--device` (default: cuda when torch sees one) in `--official-mode`
+("eager": fp32 as shipped, the CPU default; "fast": SDPA + bf16 autocast + torch.compile in the
+image encoder, the CUDA default; see bench/official_fast.py). On a GPU, read the sam_jax
+"generate" row of `--model vit_h` as the time per image of a 32 x 32 grid.
+
 Not part of the test run: it takes many minutes on a 2-core CPU.
 """
 
@@ -48,7 +53,8 @@ def load_image(name: str):
     return np.ascontiguousarray(getattr(skimage.data, name)()[..., :3])
 
 
-def child(side: str, row: str, workdir: str, image_name: str, repeats: int) -> Dict[str, Any]:
+def child(side: str, row: str, workdir: str, image_name: str, repeats: int, device: str = "cpu",
+          official_mode: str = "eager") -> Dict[str, Any]:
     """One (side, row) measurement in this process; returns times and the process's peak RSS."""
     import numpy as np
 
@@ -61,14 +67,15 @@ def child(side: str, row: str, workdir: str, image_name: str, repeats: int) -> D
         from segment_anything import SamAutomaticMaskGenerator
 
         import sam_jax
+        from bench.official_fast import OfficialConfig, configure_official
 
         torch.set_num_threads(os.cpu_count() or 1)
         tm = official_sam(sam_jax.get_config(json.load(open(os.path.join(workdir, "meta.json")))["model"]))
         tm.load_state_dict(torch.load(os.path.join(workdir, "sam.pth"), map_location="cpu", weights_only=True))
-        gen = SamAutomaticMaskGenerator(tm)
+        gen = SamAutomaticMaskGenerator(configure_official(tm, OfficialConfig.from_mode(official_mode, device)))
         if row == "from embedding":
             p = gen.predictor
-            features = torch.from_numpy(np.load(os.path.join(workdir, "official_features.npy")))
+            features = torch.from_numpy(np.load(os.path.join(workdir, "official_features.npy"))).to(device)
             h, w = image.shape[:2]
             input_size = tuple(p.transform.get_preprocess_shape(h, w, p.transform.target_length))
 
@@ -77,8 +84,12 @@ def child(side: str, row: str, workdir: str, image_name: str, repeats: int) -> D
                 p.features, p.original_size, p.input_size, p.is_image_set = features, (h, w), input_size, True
 
             p.set_image = restore
-        run = lambda: gen.generate(image)  # noqa: E731
+        run = lambda: gen.generate(image)  # noqa: E731  (returns host arrays: synchronised)
         with torch.no_grad():
+            if official_mode == "fast" and row == "generate":  # torch.compile compiles on the first call
+                t0 = time.perf_counter()
+                run()
+                first = time.perf_counter() - t0
             for _ in range(repeats):
                 t0 = time.perf_counter()
                 n = len(run())
@@ -136,7 +147,7 @@ def prepare(model_type: str, image_name: str, workdir: str) -> None:
 def run_child(side: str, row: str, workdir: str, args) -> Dict[str, Any]:
     load_before = os.getloadavg()
     cmd = [sys.executable, os.path.abspath(__file__), "--child", side, row, workdir, "--image", args.image,
-           "--repeats", str(args.repeats)]
+           "--repeats", str(args.repeats), "--device", args.device, "--official-mode", args.official_mode]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{side} / {row} failed:\n{out.stderr[-4000:]}")
@@ -168,11 +179,20 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="timed calls per (side, row) after sam_jax's first")
     p.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
     p.add_argument("--json", default=os.path.join(ROOT, "bench", "amg_results.json"))
+    p.add_argument("--device", help="torch device of the official model (default: cuda when available)")
+    p.add_argument("--official-mode", choices=("eager", "fast"),
+                   help="eager: fp32 as shipped; fast: SDPA + bf16 autocast + torch.compile in the image "
+                        "encoder (bench/official_fast.py). Default: fast on cuda, else eager")
     p.add_argument("--child", nargs=3, metavar=("SIDE", "ROW", "WORKDIR"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.device is None or args.official_mode is None:
+        import torch
+
+        args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        args.official_mode = args.official_mode or ("fast" if args.device.startswith("cuda") else "eager")
     if args.child:
         side, row, workdir = args.child
-        print(json.dumps(child(side, row, workdir, args.image, args.repeats)))
+        print(json.dumps(child(side, row, workdir, args.image, args.repeats, args.device, args.official_mode)))
         return 0
 
     results = []
@@ -189,7 +209,7 @@ def main(argv=None) -> int:
     import torch
 
     meta = {"model": args.model, "image": args.image, "image_shape": list(load_image(args.image).shape),
-            "repeats": args.repeats, "cpu_count": os.cpu_count(), "jax": jax.__version__, "torch": torch.__version__,
+            "repeats": args.repeats, "device": args.device, "official_mode": args.official_mode, "cpu_count": os.cpu_count(), "jax": jax.__version__, "torch": torch.__version__,
             "machine": platform.platform(), "results": results}
     write_results(args.json, meta)
     return 0

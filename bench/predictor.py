@@ -13,8 +13,16 @@ sam_jax call of a row (tracing + XLA compilation, for the shapes of that row) is
 separately. Rows are a registry: add one with `@row("name")` below:
 set_image (resize + encoder), encoder (encoder alone on the same preprocessed input), encoder bf16
 (sam_jax computing in bf16, params fp32, against the official fp32), predict 1 point (multimask,
-full-size masks), predict 64 boxes. Peak memory: each side alone in a fresh process loads the
-weights, sets the image and predicts once; its VmHWM is reported.
+full-size masks), predict 64 boxes; and, by default only on a CUDA device, "encoder batch":
+`--batch` images through the encoder, sam_jax in bf16 with `jax.nn.dot_product_attention` on a
+GPU, with its rate in TFLOP/s and as a share of the bf16 matmul rate measured in the same run.
+Peak memory: each side alone in a fresh process loads the weights, sets the image and predicts
+once; its VmHWM (host memory) is reported.
+
+The official side runs on `--device` (default: cuda when torch sees one) in `--official-mode`:
+"eager" (fp32, as shipped; the CPU default) or "fast" (the CUDA default: the image encoder with
+`F.scaled_dot_product_attention`, bf16 autocast and `torch.compile`, bench/official_fast.py), so
+that on a GPU sam_jax is compared with the strongest PyTorch configuration, not eager fp32.
 
 Not part of the test run: it takes several minutes on a 2-core CPU. Run it on an otherwise idle
 machine: the JSON records the load average before and after, and a busy machine slows torch's
@@ -38,6 +46,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 from bench.common import peak_rss_mb, write_results  # noqa: E402
+from bench.official_fast import MODES, OfficialConfig, configure_official, synchronize, torch_matmul_tflops  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -57,6 +66,16 @@ class Context:
     official: Any  # segment_anything.SamPredictor
     ours: sam_jax.SamPredictor
     rng: np.random.Generator
+    official_config: OfficialConfig = OfficialConfig()
+    batch: int = 8
+
+    def sync(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """fn, returning only when the official model's queued device work has finished."""
+        def run():
+            out = fn()
+            synchronize(self.official_config.device)
+            return out
+        return run
 
 
 @dataclasses.dataclass
@@ -67,6 +86,7 @@ class Row:
 
 
 ROWS: Dict[str, Callable[[Context], Row]] = {}
+GPU_ROWS = ("encoder batch",)  # run by default only on a CUDA device (minutes per call on a CPU)
 
 
 def row(name: str):
@@ -80,26 +100,28 @@ def row(name: str):
 
 @row("set_image")
 def _set_image(ctx: Context) -> Row:
-    # Both are synchronous: they return once the embedding is computed.
-    return Row("set_image", lambda: ctx.official.set_image(ctx.image), lambda: ctx.ours.set_image(ctx.image))
+    # Both return once the embedding is computed (sam_jax's set_image blocks; torch is synced).
+    return Row("set_image", ctx.sync(lambda: ctx.official.set_image(ctx.image)),
+               lambda: ctx.ours.set_image(ctx.image))
 
 
-def _encoder_row(ctx: Context, name: str, dtype: Any) -> Row:
+def _encoder_row(ctx: Context, name: str, dtype: Any, batch: int = 1, attention_impl: str = "chunked") -> Row:
     """The image encoder alone on the preprocessed 1024x1024 input (no resize, no transfer), as
-    the predictor runs it (`functional.encode_staged`)."""
+    the predictor runs it (`functional.encode_staged`); `batch` copies of it."""
     from sam_jax.functional import encode_staged
 
     resized = ctx.official.transform.apply_image(ctx.image)
     with torch.no_grad():
-        x_t = ctx.official.model.preprocess(torch.as_tensor(resized).permute(2, 0, 1)[None].contiguous())
-    x = jax.device_put(x_t.numpy().transpose(0, 2, 3, 1))  # the same (1, S, S, 3) input, NHWC
-    model = sam_jax.build_sam(ctx.ours.model.config, dtype=dtype)
+        one = torch.as_tensor(resized, device=ctx.official.device).permute(2, 0, 1)[None].contiguous()
+        x_t = ctx.official.model.preprocess(one).repeat(batch, 1, 1, 1)
+    x = jax.device_put(x_t.cpu().numpy().transpose(0, 2, 3, 1))  # the same (B, S, S, 3) input, NHWC
+    model = sam_jax.build_sam(ctx.ours.model.config, dtype=dtype, attention_impl=attention_impl)
 
     def official():
         with torch.no_grad():
             return ctx.official.model.image_encoder(x_t)
 
-    return Row(name, official, lambda: jax.block_until_ready(encode_staged(model, ctx.ours.params, x)))
+    return Row(name, ctx.sync(official), lambda: jax.block_until_ready(encode_staged(model, ctx.ours.params, x)))
 
 
 @row("encoder")
@@ -113,6 +135,17 @@ def _encoder_bf16(ctx: Context) -> Row:
     import jax.numpy as jnp
 
     return _encoder_row(ctx, "encoder bf16", jnp.bfloat16)
+
+
+@row("encoder batch")
+def _encoder_batch(ctx: Context) -> Row:
+    # The GPU acceptance row: on an accelerator sam_jax computes in bf16 with
+    # jax.nn.dot_product_attention (cuDNN); on a CPU in fp32 with the default attention.
+    import jax.numpy as jnp
+
+    gpu = jax.default_backend() != "cpu"
+    return _encoder_row(ctx, "encoder batch", jnp.bfloat16 if gpu else None, ctx.batch,
+                        "dot_product_attention" if gpu else "chunked")
 
 
 @row("predict 1 point")
@@ -131,7 +164,8 @@ def _predict_boxes(ctx: Context) -> Row:
     boxes = np.concatenate([xy.min(1), xy.max(1)], axis=1)
     boxes_t = torch.as_tensor(ctx.official.transform.apply_boxes(boxes, (h, w)), dtype=torch.float)
     # Official: its batched predict_torch (boxes already in the model frame); ours: predict_batch.
-    return Row("predict 64 boxes", lambda: ctx.official.predict_torch(None, None, boxes_t),
+    boxes_t = boxes_t.to(ctx.official.device)
+    return Row("predict 64 boxes", ctx.sync(lambda: ctx.official.predict_torch(None, None, boxes_t)),
                lambda: ctx.ours.predict_batch(boxes=boxes))
 
 
@@ -147,8 +181,9 @@ def load_image(name: str) -> np.ndarray:
     return np.ascontiguousarray(getattr(skimage.data, name)()[..., :3])
 
 
-def build(model_type: str, workdir: str):
-    """Randomised official model + the same weights through the real converter."""
+def build(model_type: str, workdir: str, official_config: OfficialConfig = OfficialConfig()):
+    """Randomised official model + the same weights through the real converter; the official
+    model then moved and sped up as official_config says."""
     from segment_anything import SamPredictor as OfficialPredictor
 
     tm = randomise_(official_sam(sam_jax.get_config(model_type)), seed=1)
@@ -157,7 +192,42 @@ def build(model_type: str, workdir: str):
     if convert_main([pth, out]) != 0:
         raise SystemExit("conversion failed")
     model, params = sam_jax.load(out)
-    return OfficialPredictor(tm), sam_jax.SamPredictor(model, params)
+    return OfficialPredictor(configure_official(tm, official_config)), sam_jax.SamPredictor(model, params)
+
+
+def encoder_flops(cfg: sam_jax.SamConfig, batch: int = 1) -> float:
+    """Multiply-adds x 2 of the image encoder (patch embedding, blocks on the window-padded grid,
+    attention scores and weighted sums, neck); elementwise work and rel-pos terms left out."""
+    g, d, p = cfg.image_size // cfg.patch_size, cfg.encoder_embed_dim, cfg.patch_size
+    hidden = int(d * cfg.mlp_ratio)
+    total = 2 * g * g * 3 * p * p * d
+    for i in range(cfg.encoder_depth):
+        if i in cfg.encoder_global_attn_indexes:
+            n, per_window = g * g, g * g
+        else:
+            side = -(-g // cfg.window_size) * cfg.window_size
+            n, per_window = side * side, cfg.window_size ** 2
+        total += 2 * n * d * (4 * d + 2 * hidden) + 4 * n * per_window * d
+    c = cfg.prompt_embed_dim
+    total += 2 * g * g * (d * c + 9 * c * c)
+    return float(total * batch)
+
+
+def jax_matmul_tflops(n: int = 8192, repeats: int = 10) -> float:
+    """Measured bf16 matmul rate of XLA on jax's default device, TFLOP/s (n x n x n, after warm-up)."""
+    import jax.numpy as jnp
+
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(k1, (n, n), jnp.bfloat16)
+    b = jax.random.normal(k2, (n, n), jnp.bfloat16)
+    mm = jax.jit(jnp.matmul)
+    for _ in range(3):
+        mm(a, b).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        out = mm(a, b)
+    out.block_until_ready()
+    return 2 * n ** 3 * repeats / (time.perf_counter() - t0) / 1e12
 
 
 def run_row(r: Row, repeats: int, settle: float, min_time: float = 0.0) -> Dict[str, Any]:
@@ -228,7 +298,15 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="vit_b", choices=["vit_b", "vit_l", "vit_h"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--image", default="coffee", help="a skimage.data photo name (default coffee, 400x600)")
-    p.add_argument("--rows", nargs="*", default=list(ROWS), help=f"subset of {list(ROWS)}")
+    p.add_argument("--rows", nargs="*", help=f"subset of {list(ROWS)} (default: all, but "
+                   f"{list(GPU_ROWS)} only when --device is cuda)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device of the official model (default: cuda when available); sam_jax "
+                        "uses jax's default device")
+    p.add_argument("--official-mode", choices=MODES,
+                   help="eager: fp32 as shipped; fast: SDPA + bf16 autocast + torch.compile in the "
+                        "image encoder (bench/official_fast.py). Default: fast on cuda, else eager")
+    p.add_argument("--batch", type=int, default=8, help="images per call in the 'encoder batch' row")
     p.add_argument("--json", default=os.path.join(ROOT, "bench", "predictor_results.json"))
     p.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1,
                    help="torch intra-op threads (default: all cores). On a busy machine torch's OpenMP "
@@ -244,8 +322,17 @@ def main(argv=None) -> int:
     p.add_argument("--memory-child", choices=["official", "sam_jax"], help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.repeats < 1 or args.min_time < 0:
-        p.error("--repeats must be >= 1 and --min-time >= 0")
+    if args.repeats < 1 or args.min_time < 0 or args.batch < 1:
+        p.error("--repeats and --batch must be >= 1 and --min-time >= 0")
+    cuda = torch.device(args.device).type == "cuda"
+    if args.rows is None:
+        args.rows = [r for r in ROWS if cuda or r not in GPU_ROWS]
+    unknown = [r for r in args.rows if r not in ROWS]
+    if unknown:
+        p.error(f"--rows: unknown {unknown}; choose from {list(ROWS)}")
+    if cuda and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device")
+    official_config = OfficialConfig.from_mode(args.official_mode or ("fast" if cuda else "eager"), args.device)
 
     torch.set_num_threads(args.torch_threads)
     if args.memory_child:
@@ -253,8 +340,9 @@ def main(argv=None) -> int:
         return 0
     image = load_image(args.image)
     tmp = tempfile.TemporaryDirectory()
-    official, ours = build(args.model, tmp.name)
-    ctx = Context(image, official, ours, np.random.default_rng(0))
+    official, ours = build(args.model, tmp.name, official_config)
+    print(f"official: {official_config.describe()}; sam_jax: {jax.devices()[0]}", flush=True)
+    ctx = Context(image, official, ours, np.random.default_rng(0), official_config, args.batch)
     official.set_image(image)
     ours.set_image(image)
     load_before = os.getloadavg()
@@ -267,6 +355,22 @@ def main(argv=None) -> int:
         results.append(r)
         print(f"  {name}: official {r['official_s']:.4f} s, sam_jax {r['sam_jax_s']:.4f} s", flush=True)
     print_table(results)
+    rates = None
+    if "encoder batch" in args.rows:
+        # The encoder's rate against what a plain bf16 matmul reaches on the same devices.
+        flops = encoder_flops(ours.model.config, args.batch)
+        r = next(r for r in results if r["name"] == "encoder batch")
+        rates = {"encoder_gflop": flops / 1e9, "batch": args.batch,
+                 "official_tflops": flops / r["official_s"] / 1e12, "sam_jax_tflops": flops / r["sam_jax_s"] / 1e12}
+        line = (f"encoder batch {args.batch}: {flops / 1e12:.2f} TFLOP per call; official "
+                f"{rates['official_tflops']:.2f}, sam_jax {rates['sam_jax_tflops']:.2f} TFLOP/s")
+        if jax.default_backend() != "cpu" and cuda:  # a CPU's bf16 matmul is emulated: no yardstick
+            rates["jax_matmul_bf16_tflops"] = jax_matmul_tflops()
+            rates["torch_matmul_bf16_tflops"] = torch_matmul_tflops(args.device)
+            rates["sam_jax_share_of_matmul"] = rates["sam_jax_tflops"] / rates["jax_matmul_bf16_tflops"]
+            line += (f" = {100 * rates['sam_jax_share_of_matmul']:.0f}% of XLA's bf16 matmul rate "
+                     f"({rates['jax_matmul_bf16_tflops']:.0f}; torch's {rates['torch_matmul_bf16_tflops']:.0f})")
+        print(line)
     memory = None
     if not args.no_memory:
         # Each side alone in a fresh process: peak RSS of load + set_image + one predict.
@@ -278,6 +382,7 @@ def main(argv=None) -> int:
             "repeats": args.repeats, "min_time_s": args.min_time, "settle_s": args.settle, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "jax": jax.__version__, "torch": torch.__version__, "jax_device": str(jax.devices()[0]),
             "machine": platform.platform(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+            "official": official_config.describe(), "batch": args.batch, "encoder_rates": rates,
             "rows": results, "peak_rss_mb": memory}
     write_results(args.json, meta)
     return 0
