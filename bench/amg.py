@@ -2,6 +2,7 @@
 
     python bench/amg.py [--model vit_b] [--image coffee] [--repeats 1] [--json bench/amg_results.json]
     python bench/amg.py --model tiny --json /tmp/amg_smoke.json     # checks the script runs (seconds)
+    python bench/amg.py --model vit_h --device cuda --official-mode fast   # on a GPU (the defaults there)
 
 Both sides get the same randomised full-size checkpoint (tests/reference.py, converted by the real
 converter, as bench/predictor.py). Rows:

@@ -2,6 +2,7 @@
 
     python bench/predictor.py [--model vit_b] [--repeats 5] [--min-time 10] [--image coffee]
                               [--torch-threads N] [--rows ROW ...] [--json FILE] [--no-memory]
+                              [--device cuda] [--official-mode fast] [--batch 8]
 
 Both sides get the same randomised full-size checkpoint: the official model is built and every
 tensor randomised by tests/reference.py, saved as .pth, converted by the real converter
