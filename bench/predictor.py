@@ -319,7 +319,8 @@ def main(argv=None) -> int:
                    help="seconds of idle before each timed call (default 0: back to back). A pause "
                         "measures the first click after idle instead: on the 2-core VM both sides then "
                         "slow down (predict 1 point: official 86 -> 89 ms, sam_jax 43 -> 56 ms)")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement (always "
+                   "skipped with --device cuda: it measures host memory)")
     p.add_argument("--memory-child", choices=["official", "sam_jax"], help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -373,7 +374,7 @@ def main(argv=None) -> int:
                      f"({rates['jax_matmul_bf16_tflops']:.0f}; torch's {rates['torch_matmul_bf16_tflops']:.0f})")
         print(line)
     memory = None
-    if not args.no_memory:
+    if not args.no_memory and not cuda:  # host memory of CPU runs; on a GPU it would say little
         # Each side alone in a fresh process: peak RSS of load + set_image + one predict.
         memory = measure_memory(tmp.name, args)
         print(f"peak memory (load + set_image + predict, own process): official {memory['official']:.0f} MB, "
