@@ -187,10 +187,10 @@ def main(argv=None) -> int:
     p.add_argument("--child", nargs=3, metavar=("SIDE", "ROW", "WORKDIR"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.device is None or args.official_mode is None:
-        import torch
+        from bench.official_fast import default_device, default_mode
 
-        args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        args.official_mode = args.official_mode or ("fast" if args.device.startswith("cuda") else "eager")
+        args.device = args.device or default_device()
+        args.official_mode = args.official_mode or default_mode(args.device)
     if args.child:
         side, row, workdir = args.child
         print(json.dumps(child(side, row, workdir, args.image, args.repeats, args.device, args.official_mode)))

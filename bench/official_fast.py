@@ -28,6 +28,16 @@ import torch.nn.functional as F
 MODES = ("eager", "fast")
 
 
+def default_device() -> str:
+    """cuda when torch sees one, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_mode(device: str) -> str:
+    """"fast" on CUDA; "eager" elsewhere (a CPU's bf16 is emulated: compiled bf16 is slower there)."""
+    return "fast" if torch.device(device).type == "cuda" else "eager"
+
+
 @dataclasses.dataclass(frozen=True)
 class OfficialConfig:
     """How the official model runs: the device, and which of the speed-ups are on."""

@@ -47,7 +47,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 from bench.common import peak_rss_mb, write_results  # noqa: E402
-from bench.official_fast import MODES, OfficialConfig, configure_official, synchronize, torch_matmul_tflops  # noqa: E402
+from bench.official_fast import (MODES, OfficialConfig, configure_official, default_device, default_mode,  # noqa: E402
+                                 synchronize, torch_matmul_tflops)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -301,7 +302,7 @@ def main(argv=None) -> int:
     p.add_argument("--image", default="coffee", help="a skimage.data photo name (default coffee, 400x600)")
     p.add_argument("--rows", nargs="*", help=f"subset of {list(ROWS)} (default: all, but "
                    f"{list(GPU_ROWS)} only when --device is cuda)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    p.add_argument("--device", default=default_device(),
                    help="torch device of the official model (default: cuda when available); sam_jax "
                         "uses jax's default device")
     p.add_argument("--official-mode", choices=MODES,
@@ -334,7 +335,7 @@ def main(argv=None) -> int:
         p.error(f"--rows: unknown {unknown}; choose from {list(ROWS)}")
     if cuda and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device")
-    official_config = OfficialConfig.from_mode(args.official_mode or ("fast" if cuda else "eager"), args.device)
+    official_config = OfficialConfig.from_mode(args.official_mode or default_mode(args.device), args.device)
 
     torch.set_num_threads(args.torch_threads)
     if args.memory_child:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import sam_jax
-from bench.official_fast import MODES, OfficialConfig, configure_official, use_sdpa
+from bench.official_fast import MODES, OfficialConfig, configure_official, default_mode, use_sdpa
 from reference import official_sam, randomise_
 
 
@@ -53,5 +53,6 @@ def test_modes():
     assert OfficialConfig.from_mode("fast", "cuda") == OfficialConfig("cuda", True, True, True)
     assert "torch.compile" in OfficialConfig.from_mode("fast", "cuda").describe()
     assert set(MODES) == {"eager", "fast"}
+    assert default_mode("cuda:0") == "fast" and default_mode("cpu") == "eager"
     with pytest.raises(ValueError, match="mode must be one of"):
         OfficialConfig.from_mode("turbo", "cpu")
