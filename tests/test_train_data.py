@@ -130,6 +130,44 @@ def test_center_points_and_sample_masks():
     assert out.shape == (2, 3, 20, 20)
 
 
+def test_augment_keeps_images_and_masks_aligned():
+    rng = np.random.default_rng(0)
+    s, b = 16, 24
+    images = rng.integers(0, 256, (b, s, s, 3)).astype(np.uint8)
+    sizes = np.array([[16, 16], [10, 16], [16, 7]] * 8)
+    masks = np.zeros((b, 2, s, s), bool)
+    for i, (h, w) in enumerate(sizes):
+        images[i, h:], images[i, :, w:] = 0, 0
+        masks[i, 0, 1:4, 2:3] = True  # asymmetric, so every flip and transpose moves it
+        masks[i, 1, : h // 2, : w // 2] = True
+        images[i, masks[i, 0]] = (255, 0, 0)
+    out_i, out_s, out_m = tdata.augment(np.random.default_rng(1), images, sizes, masks, colour=False)
+    np.testing.assert_array_equal(out_s, sizes)
+    assert out_m.sum(axis=(2, 3)).tolist() == masks.sum(axis=(2, 3)).tolist()
+    moved = 0
+    for i, (h, w) in enumerate(sizes):
+        assert not out_m[i, :, h:].any() and not out_m[i, :, :, w:].any()  # padding stays bottom/right
+        assert not out_i[i, h:].any() and not out_i[i, :, w:].any()
+        # The red pixels moved with their mask, and the pixel multiset is unchanged.
+        assert (out_i[i][out_m[i, 0]] == (255, 0, 0)).all()
+        assert sorted(map(tuple, out_i[i].reshape(-1, 3))) == sorted(map(tuple, images[i].reshape(-1, 3)))
+        moved += not np.array_equal(out_m[i], masks[i])
+    assert moved > b // 2  # 3/4 of square images and 3/4 of the others are moved
+    # Transposes only where the valid region is square: other images keep their mask's orientation.
+    for i, (h, w) in enumerate(sizes):
+        ys, xs = np.nonzero(out_m[i, 0])
+        assert np.ptp(ys) + 1 == 3 or h == w
+    again = tdata.augment(np.random.default_rng(1), images, sizes, masks, colour=False)
+    assert all(np.array_equal(x, y) for x, y in zip(again, (out_i, out_s, out_m)))
+    col_i, _, col_m = tdata.augment(np.random.default_rng(2), images, sizes, masks, geometric=False)
+    np.testing.assert_array_equal(col_m, masks)
+    assert col_i.dtype == np.uint8 and not np.array_equal(col_i, images)
+    with pytest.raises(ValueError, match="images must be uint8"):
+        tdata.augment(rng, images.astype(np.float32), sizes, masks)
+    with pytest.raises(ValueError, match="masks must be"):
+        tdata.augment(rng, images, sizes, masks[:, :, :8])
+
+
 def test_cache_embeddings_reuses_matching_file(tmp_path):
     s = tdata.Samples(np.zeros((5, 8, 8, 3), np.uint8), np.full((5, 2), 8), [np.ones((1, 8, 8), bool)] * 5,
                       list("abcde"))

@@ -188,6 +188,47 @@ def sample_masks(rng: np.random.Generator, samples: Samples, indices: np.ndarray
     return np.stack(out)
 
 
+def augment(rng: np.random.Generator, images: np.ndarray, sizes: np.ndarray, masks: np.ndarray,
+            colour: bool = True, geometric: bool = True):
+    """Random label-preserving augmentation of a batch in the model-input frame.
+
+    Args:
+      images: uint8 (B, S, S, 3) padded RGB; sizes: int (B, 2) their valid (h, w);
+      masks: bool (B, K, S, S), the ground truth of each image.
+      colour: per image, a random permutation of the RGB channels, a gain in [0.7, 1.3] per
+        channel and a brightness offset in [-25, 25] (padding is zeroed later by
+        `preprocess_padded`, so it needs no care here).
+      geometric: per image, random flips of the valid region (padding stays bottom/right), and a
+        transpose when the valid region is square: all 8 symmetries of a square image.
+
+    Returns new (images, sizes, masks); sizes change only by transposes of square regions (so not
+    at all). Deterministic given `rng`.
+    """
+    images, sizes, masks = np.asarray(images), np.asarray(sizes), np.asarray(masks)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 (B, S, S, 3), got {images.dtype} {images.shape}")
+    if masks.ndim != 4 or masks.shape[0] != images.shape[0] or masks.shape[2:] != images.shape[1:3]:
+        raise ValueError(f"masks must be (B, K, S, S) matching images {images.shape}, got {masks.shape}")
+    out_i, out_m = images.copy(), masks.copy()
+    for b in range(len(images)):
+        h, w = (int(v) for v in sizes[b])
+        img, m = out_i[b, :h, :w], out_m[b, :, :h, :w]
+        if geometric:
+            if rng.random() < 0.5:
+                img, m = img[:, ::-1], m[:, :, ::-1]
+            if rng.random() < 0.5:
+                img, m = img[::-1], m[:, ::-1]
+            if h == w and rng.random() < 0.5:
+                img, m = img.transpose(1, 0, 2), m.transpose(0, 2, 1)
+        if colour:
+            gain = rng.uniform(0.7, 1.3, 3).astype(np.float32)
+            shift = np.float32(rng.uniform(-25.0, 25.0))
+            img = np.clip(img[..., rng.permutation(3)].astype(np.float32) * gain + shift, 0, 255)
+        out_i[b, :h, :w] = img.astype(np.uint8) if colour else img
+        out_m[b, :, :h, :w] = m
+    return out_i, sizes, out_m
+
+
 def cache_embeddings(encode, samples: Samples, batch_size: int = 8, path: Optional[str] = None,
                      tag: str = "") -> np.ndarray:
     """Image embeddings (N, h, w, C) float32 of every image, computed once in batches of
