@@ -1,7 +1,7 @@
 """Fine-tune SAM (sam_jax) on a folder of images + masks, a COCO json, or a synthetic dataset.
 
   # From scratch on a CPU: a 97 k-parameter 64-pixel model on the built-in synthetic data,
-  # one-round episodes from a single point (the held-out metric); ~11 min on 2 cores.
+  # one-round episodes from a single point (the held-out metric); ~12 min on 2 cores.
   python examples/finetune.py --synthetic 4000 --model nano64 --encoder full --corrective-points 0 \
       --no-point-rounds 0 --box-prob 0 --lr 2e-3 --warmup 100 --steps 5000 --out out/scratch
 
@@ -215,7 +215,7 @@ def main(argv=None) -> Dict[str, List[float]]:
         else:
             images, sizes = tr.images[idx], tr.sizes[idx]
             if a.augment:
-                images, sizes, masks = tdata.augment(rng, images, sizes, masks)
+                images, masks = tdata.augment(rng, images, sizes, masks)
             batch = {"masks": jnp.asarray(masks),
                      "images": preprocess_padded(jnp.asarray(images), jnp.asarray(sizes))}
         state, met = step_fn(state, batch, jax.random.fold_in(base_key, t))

@@ -201,8 +201,7 @@ def augment(rng: np.random.Generator, images: np.ndarray, sizes: np.ndarray, mas
       geometric: per image, random flips of the valid region (padding stays bottom/right), and a
         transpose when the valid region is square: all 8 symmetries of a square image.
 
-    Returns new (images, sizes, masks); sizes change only by transposes of square regions (so not
-    at all). Deterministic given `rng`.
+    Returns new (images, masks); the valid sizes are unchanged. Deterministic given `rng`.
     """
     images, sizes, masks = np.asarray(images), np.asarray(sizes), np.asarray(masks)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
@@ -212,7 +211,7 @@ def augment(rng: np.random.Generator, images: np.ndarray, sizes: np.ndarray, mas
     out_i, out_m = images.copy(), masks.copy()
     for b in range(len(images)):
         h, w = (int(v) for v in sizes[b])
-        img, m = out_i[b, :h, :w], out_m[b, :, :h, :w]
+        img, m = images[b, :h, :w], masks[b, :, :h, :w]
         if geometric:
             if rng.random() < 0.5:
                 img, m = img[:, ::-1], m[:, :, ::-1]
@@ -224,9 +223,9 @@ def augment(rng: np.random.Generator, images: np.ndarray, sizes: np.ndarray, mas
             gain = rng.uniform(0.7, 1.3, 3).astype(np.float32)
             shift = np.float32(rng.uniform(-25.0, 25.0))
             img = np.clip(img[..., rng.permutation(3)].astype(np.float32) * gain + shift, 0, 255)
-        out_i[b, :h, :w] = img.astype(np.uint8) if colour else img
+        out_i[b, :h, :w] = img.astype(np.uint8)
         out_m[b, :, :h, :w] = m
-    return out_i, sizes, out_m
+    return out_i, out_m
 
 
 def cache_embeddings(encode, samples: Samples, batch_size: int = 8, path: Optional[str] = None,
