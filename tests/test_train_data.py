@@ -165,6 +165,8 @@ def test_augment_keeps_images_and_masks_aligned():
         tdata.augment(rng, images.astype(np.float32), sizes, masks)
     with pytest.raises(ValueError, match="masks must be"):
         tdata.augment(rng, images, sizes, masks[:, :, :8])
+    with pytest.raises(ValueError, match="sizes must be"):
+        tdata.augment(rng, images, sizes[:3], masks)
 
 
 def test_cache_embeddings_reuses_matching_file(tmp_path):

@@ -208,6 +208,10 @@ def augment(rng: np.random.Generator, images: np.ndarray, sizes: np.ndarray, mas
         raise ValueError(f"images must be uint8 (B, S, S, 3), got {images.dtype} {images.shape}")
     if masks.ndim != 4 or masks.shape[0] != images.shape[0] or masks.shape[2:] != images.shape[1:3]:
         raise ValueError(f"masks must be (B, K, S, S) matching images {images.shape}, got {masks.shape}")
+    s = images.shape[1]
+    if sizes.shape != (len(images), 2) or (sizes < 1).any() or (sizes > s).any():
+        raise ValueError(f"sizes must be (B, 2) valid (h, w) in 1..{s} for images {images.shape}, "
+                         f"got shape {sizes.shape}")
     out_i, out_m = images.copy(), masks.copy()
     for b in range(len(images)):
         h, w = (int(v) for v in sizes[b])
