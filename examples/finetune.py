@@ -204,38 +204,55 @@ def main(argv=None) -> Dict[str, List[float]]:
     bar = tqdm(total=a.steps, initial=start, disable=a.no_progress or tqdm is None, dynamic_ncols=True) \
         if tqdm else None
     base_key = jax.random.PRNGKey(a.seed)
-    t_run = time.perf_counter() - (history["time"][-1] if history["time"] else 0.0)
-    end = min(a.steps, a.stop_after) if a.stop_after else a.steps
-    for t in range(start, end):
+    prep = jax.jit(preprocess_padded)
+
+    def make_batch(t):
         rng = np.random.default_rng([a.seed, t])  # batch t is a function of t: resumable
         idx = rng.integers(0, len(tr), a.batch_size)
         masks = tdata.sample_masks(rng, tr, idx, a.objects)
         if cached is not None:
-            batch = {"masks": jnp.asarray(masks), "embeddings": jnp.asarray(cached[idx])}
-        else:
-            images, sizes = tr.images[idx], tr.sizes[idx]
-            if a.augment:
-                images, masks = tdata.augment(rng, images, sizes, masks)
-            batch = {"masks": jnp.asarray(masks),
-                     "images": preprocess_padded(jnp.asarray(images), jnp.asarray(sizes))}
-        state, met = step_fn(state, batch, jax.random.fold_in(base_key, t))
-        met = {k: float(v) for k, v in met.items()}
+            return {"masks": jnp.asarray(masks), "embeddings": jnp.asarray(cached[idx])}
+        images, sizes = tr.images[idx], tr.sizes[idx]
+        if a.augment:
+            images, masks = tdata.augment(rng, images, sizes, masks)
+        return {"masks": jnp.asarray(masks), "images": prep(jnp.asarray(images), jnp.asarray(sizes))}
+
+    def record(t, met):  # reading a step's metrics waits for that step to finish
+        met = {k: float(v) for k, v in jax.device_get(met).items()}
         history["step"].append(t + 1), history["time"].append(time.perf_counter() - t_run)
         for k in ("loss", "iou_first", "iou_last"):
             history[k].append(met[k])
-        if (t + 1) % a.eval_every == 0 or t + 1 == a.steps:
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{met['loss']:.3f}", iou=f"{met['iou_first']:.3f}",
+                            eval_iou=f"{history['eval_iou'][-1]:.3f}" if history["eval_iou"] else "-")
+
+    t_run = time.perf_counter() - (history["time"][-1] if history["time"] else 0.0)
+    end = min(a.steps, a.stop_after) if a.stop_after else a.steps
+    pending = None  # the step in flight: its metrics are read after the next step is queued, so
+    for t in range(start, end):  # the host builds batch t + 1 while step t runs
+        state, met = step_fn(state, make_batch(t), jax.random.fold_in(base_key, t))
+        if pending is not None:
+            record(*pending)
+        pending = (t, met)
+        do_eval = (t + 1) % a.eval_every == 0 or t + 1 == a.steps
+        do_save = (t + 1) % a.checkpoint_every == 0 or t + 1 in (end, a.steps)
+        if not (do_eval or do_save):
+            continue
+        record(*pending)
+        pending = None
+        if do_eval:
             history["eval_step"].append(t + 1)
             history["eval_iou"].append(float(np.mean(evaluate(state.params))))
             if a.no_progress:
                 print(f"step {t + 1}: loss {np.mean(history['loss'][-a.eval_every:]):.4f}, train IoU "
                       f"{np.mean(history['iou_first'][-a.eval_every:]):.3f}, held-out IoU "
                       f"{history['eval_iou'][-1]:.3f}, {history['time'][-1]:.0f} s", flush=True)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{met['loss']:.3f}", iou=f"{met['iou_first']:.3f}",
-                            eval_iou=f"{history['eval_iou'][-1]:.3f}" if history["eval_iou"] else "-")
-        if (t + 1) % a.checkpoint_every == 0 or t + 1 in (end, a.steps):
-            ckpt.save(state)
+            elif bar is not None:
+                bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", iou=f"{history['iou_first'][-1]:.3f}",
+                                eval_iou=f"{history['eval_iou'][-1]:.3f}")
+        if do_save:
+            ckpt.save(state, wait=False)  # written in the background while training goes on
             with open(hist_path, "w") as f:
                 json.dump(history, f)
     if bar is not None:

@@ -11,6 +11,9 @@ import jax.numpy as jnp
 from .common import SAM_LN_EPS, Dtype, MatmulLayerNorm, MLP, gelu
 from .transformer import TwoWayTransformer
 
+# Decoders this narrow or narrower upscale in the channels-first layout (see MaskDecoder).
+CHANNELS_FIRST_MAX_DIM = 64
+
 
 class MaskDecoder(nn.Module):
     """Predicts mask logits and their IoU from an image embedding and prompt tokens.
@@ -77,13 +80,25 @@ class MaskDecoder(nn.Module):
         mask_tokens_out = hs[:, 1:1 + n_mask]
 
         x = src.reshape(b, hh, ww, c)
-        # The two ConvTranspose2d(kernel 2, stride 2) of the official output_upscaling: their taps
-        # do not overlap, so each is a matmul to 2x2 output pixels per input pixel. The pixels stay
-        # in that blocked layout, (b, h, w, a, b', a2, b2, C/8) = pixel (4h + 2a + a2, 4w + 2b' + b2),
-        # until the final product with the hypernetwork vectors, which interleaves only M masks.
-        x = _ConvTranspose2x2(c, c // 4, self.dtype, name="output_upscaling_0")(x)  # (b, h, w, 2, 2, C/4)
-        x = gelu(MatmulLayerNorm(SAM_LN_EPS, self.dtype, name="output_upscaling_1")(x))
-        upscaled = gelu(_ConvTranspose2x2(c // 4, c // 8, self.dtype, name="output_upscaling_3")(x))
+        channels_first = c <= CHANNELS_FIRST_MAX_DIM
+        if channels_first:
+            # Few upscaled channels (C/8 <= 8): pixels minor, (b, C', 2h, 2w) then (b, C/8, 4h, 4w),
+            # so the norm, the GELUs and their gradients run over whole pixel rows instead of rows of
+            # C/8 floats that XLA:CPU vectorises badly (half the step time of a 64-px model).
+            x = _ConvTranspose2x2(c, c // 4, self.dtype, "nhwc->nchw",
+                                  name="output_upscaling_0")(x)  # (b, C/4, 2h, 2w)
+            x = gelu(_ChannelsFirstLayerNorm(SAM_LN_EPS, self.dtype, name="output_upscaling_1")(x))
+            upscaled = gelu(_ConvTranspose2x2(c // 4, c // 8, self.dtype, "nchw",
+                                              name="output_upscaling_3")(x))  # (b, C/8, 4h, 4w)
+        else:
+            # The two ConvTranspose2d(kernel 2, stride 2) of the official output_upscaling: their
+            # taps do not overlap, so each is a matmul to 2x2 output pixels per input pixel. The
+            # pixels stay in that blocked layout, (b, h, w, a, b', a2, b2, C/8) = pixel
+            # (4h + 2a + a2, 4w + 2b' + b2), until the final product with the hypernetwork vectors,
+            # which interleaves only M masks.
+            x = _ConvTranspose2x2(c, c // 4, self.dtype, name="output_upscaling_0")(x)  # (b, h, w, 2, 2, C/4)
+            x = gelu(MatmulLayerNorm(SAM_LN_EPS, self.dtype, name="output_upscaling_1")(x))
+            upscaled = gelu(_ConvTranspose2x2(c // 4, c // 8, self.dtype, name="output_upscaling_3")(x))
 
         # Only the masks that are returned (officially all n_mask are computed, then sliced): the
         # hypernetwork MLPs of the others run only while initialising, to create their params.
@@ -95,23 +110,52 @@ class MaskDecoder(nn.Module):
         iou_pred = MLP(self.iou_head_hidden_dim, n_mask, self.iou_head_depth, dtype=self.dtype,
                        name="iou_prediction_head")(iou_token_out)
 
+        if channels_first:
+            masks = jnp.einsum("bmc,bcyx->bmyx", hyper_in, upscaled.astype(hyper_in.dtype))
+            return masks, iou_pred[:, sl]
         masks = jnp.einsum("bmc,bhwikjlc->bmhijwkl", hyper_in, upscaled.astype(hyper_in.dtype))
         return masks.reshape(*masks.shape[:2], 4 * hh, 4 * ww), iou_pred[:, sl]
 
 
 class _ConvTranspose2x2(nn.Module):
     """`nn.ConvTranspose(features, (2, 2), strides=(2, 2), padding="VALID")` (same parameters)
-    written as a matmul: (..., C_in) -> (..., 2, 2, features), where [..., a, b, :] is output
-    pixel (2i + a, 2j + b). Flax applies its kernel spatially flipped (the converter stores
-    torch's weight that way), hence the [::-1, ::-1]."""
+    written as a matmul. Layout "blocked": (..., C_in) -> (..., 2, 2, features), where
+    [..., a, b, :] is output pixel (2i + a, 2j + b); "nhwc->nchw": (n, h, w, C_in) ->
+    (n, features, 2h, 2w); "nchw": (n, C_in, h, w) -> (n, features, 2h, 2w). Flax applies its
+    kernel spatially flipped (the converter stores torch's weight that way), hence the [::-1, ::-1]."""
 
     in_features: int
     features: int
     dtype: Dtype = None
+    layout: str = "blocked"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (2, 2, self.in_features, self.features))
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        return jnp.einsum("...c,abco->...abo", x, kernel[::-1, ::-1]) + bias
+        kernel = kernel[::-1, ::-1]
+        if self.layout == "blocked":
+            return jnp.einsum("...c,abco->...abo", x, kernel) + bias
+        spec = {"nhwc->nchw": "nyxc,abco->noyaxb", "nchw": "ncyx,abco->noyaxb"}[self.layout]
+        y = jnp.einsum(spec, x, kernel) + bias[:, None, None, None, None]
+        return y.reshape(y.shape[0], self.features, 2 * y.shape[2], 2 * y.shape[4])
+
+
+class _ChannelsFirstLayerNorm(nn.Module):
+    """`layer_norm` over axis 1 of (b, C, h, w) (same parameters as `MatmulLayerNorm`; two-pass
+    variance, statistics in float32)."""
+
+    epsilon: float
+    dtype: Dtype = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[1]
+        scale = self.param("scale", nn.initializers.ones_init(), (c,))
+        bias = self.param("bias", nn.initializers.zeros_init(), (c,))
+        xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        d = xf - jnp.mean(xf, axis=1, keepdims=True)
+        var = jnp.mean(d * d, axis=1, keepdims=True)
+        y = d * jax.lax.rsqrt(var + self.epsilon) * scale[:, None, None] + bias[:, None, None]
+        return y.astype(self.dtype or jnp.result_type(x.dtype, scale.dtype))
