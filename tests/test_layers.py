@@ -44,6 +44,38 @@ def test_conv_transpose_layout():
         {"params": {"kernel": _to_flax_layout(module, "kernel", w), "bias": t.bias.detach().numpy()}}, x))
     assert blocked.shape == (2, 7, 9, 2, 2, 5)
     np.testing.assert_allclose(blocked.transpose(0, 1, 3, 2, 4, 5).reshape(ref.shape), ref, rtol=0, atol=1e-5)
+    # Its channels-first forms (narrow decoders), from NHWC and from NCHW input, output NCHW.
+    for layout, inp in (("nhwc->nchw", x), ("nchw", x.transpose(0, 3, 1, 2))):
+        cf = np.asarray(_ConvTranspose2x2(8, 5, layout=layout).apply(
+            {"params": {"kernel": _to_flax_layout(module, "kernel", w), "bias": t.bias.detach().numpy()}}, inp))
+        np.testing.assert_allclose(cf.transpose(0, 2, 3, 1), ref, rtol=0, atol=1e-5)
+
+
+def test_decoder_upscaling_layouts_agree(monkeypatch):
+    """Narrow decoders (C <= CHANNELS_FIRST_MAX_DIM) upscale channels-first, wide ones blocked:
+    the two give the same masks on the same params (the torch parity tests cover the tiny config,
+    channels-first, and vit_b, blocked)."""
+    import jax
+
+    import sam_jax
+    from sam_jax.modeling import mask_decoder
+
+    cfg = sam_jax.get_config("tiny")
+    model = sam_jax.build_sam(cfg)
+    params = sam_jax.init_params(model, jax.random.PRNGKey(0))
+    params = jax.tree_util.tree_map(lambda p: p + 0.2 * jnp.asarray(RNG.randn(*p.shape), p.dtype), params)
+    g, c = cfg.embedding_size, cfg.prompt_embed_dim
+    emb = jnp.asarray(RNG.randn(3, g, g, c).astype(np.float32))
+    pts = jnp.asarray(RNG.rand(3, 2, 2).astype(np.float32) * cfg.image_size)
+    labels = jnp.asarray([[1, 0], [1, 1], [0, -1]])
+    out = {}
+    for limit in (c, c - 8):
+        monkeypatch.setattr(mask_decoder, "CHANNELS_FIRST_MAX_DIM", limit)
+        out[limit] = model.apply({"params": params}, emb, pts, labels, multimask_output=True, method="decode")
+    assert out[c][0].shape == (3, 3, 4 * g, 4 * g)
+    # float32, the same sums in another order: ~1e-6 of the logits' scale.
+    for a, b in zip(out[c], out[c - 8]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
 
 
 @pytest.mark.parametrize("eps", [SAM_LN_EPS, TORCH_LN_EPS])
