@@ -87,7 +87,8 @@ class MaskDecoder(nn.Module):
             # C/8 floats that XLA:CPU vectorises badly (a 64-px model's train step: 106 -> 97 ms).
             x = _ConvTranspose2x2(c, c // 4, self.dtype, "nhwc->nchw",
                                   name="output_upscaling_0")(x)  # (b, C/4, 2h, 2w)
-            x = gelu(_ChannelsFirstLayerNorm(SAM_LN_EPS, self.dtype, name="output_upscaling_1")(x))
+            x = gelu(nn.LayerNorm(SAM_LN_EPS, use_fast_variance=False, reduction_axes=1, feature_axes=1,
+                                  dtype=self.dtype, name="output_upscaling_1")(x))
             upscaled = gelu(_ConvTranspose2x2(c // 4, c // 8, self.dtype, "nchw",
                                               name="output_upscaling_3")(x))  # (b, C/8, 4h, 4w)
         else:
@@ -140,22 +141,3 @@ class _ConvTranspose2x2(nn.Module):
         spec = {"nhwc->nchw": "nyxc,abco->noyaxb", "nchw": "ncyx,abco->noyaxb"}[self.layout]
         y = jnp.einsum(spec, x, kernel) + bias[:, None, None, None, None]
         return y.reshape(y.shape[0], self.features, 2 * y.shape[2], 2 * y.shape[4])
-
-
-class _ChannelsFirstLayerNorm(nn.Module):
-    """`layer_norm` over axis 1 of (b, C, h, w) (same parameters as `MatmulLayerNorm`; two-pass
-    variance, statistics in float32)."""
-
-    epsilon: float
-    dtype: Dtype = None
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        c = x.shape[1]
-        scale = self.param("scale", nn.initializers.ones_init(), (c,))
-        bias = self.param("bias", nn.initializers.zeros_init(), (c,))
-        xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-        d = xf - jnp.mean(xf, axis=1, keepdims=True)
-        var = jnp.mean(d * d, axis=1, keepdims=True)
-        y = d * jax.lax.rsqrt(var + self.epsilon) * scale[:, None, None] + bias[:, None, None]
-        return y.astype(self.dtype or jnp.result_type(x.dtype, scale.dtype))
