@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from sam_jax.train import data as tdata
-from sam_jax.train.synthetic import HELDOUT_PHOTOS, TRAIN_PHOTOS, synthetic_sample
+from sam_jax.train.synthetic import HELDOUT_PHOTOS, TRAIN_PHOTOS, _photo, synthetic_sample
 
 
 def test_synthetic_is_deterministic_and_disjoint():
@@ -21,8 +21,16 @@ def test_synthetic_is_deterministic_and_disjoint():
     assert masks.shape[0] >= 1 and masks.reshape(len(masks), -1).any(axis=1).all()
     assert masks.sum(axis=0).max() <= 1  # visible parts never overlap
     assert not set(TRAIN_PHOTOS) & set(HELDOUT_PHOTOS)
+    assert not {"cat", "microaneurysms"} & set(TRAIN_PHOTOS)  # a copy of chelsea, a retina-like crop
     with pytest.raises(ValueError, match="split"):
         synthetic_sample(0, 64, split="test")
+
+
+@pytest.mark.parametrize("name", TRAIN_PHOTOS + HELDOUT_PHOTOS)
+def test_every_photo_loads_offline_as_rgb(name):
+    photo = _photo(name)  # bundled with scikit-image: no download
+    assert photo.ndim == 3 and photo.shape[2] == 3 and photo.dtype == np.uint8
+    assert min(photo.shape[:2]) >= 150  # crops are at least 35% of the short side
 
 
 def test_prepare_resizes_and_pads():

@@ -5,7 +5,15 @@ ellipses, rotated rectangles, triangles, regular polygons and stars, filled with
 gradient or a tinted texture cut from another photo. Later shapes occlude earlier ones; each
 ground-truth mask is the VISIBLE part of one shape. Sample i is a pure function of (seed, i).
 
-`split="train"` and `split="heldout"` draw backgrounds from disjoint sets of photos.
+`split="train"` and `split="heldout"` draw backgrounds (and texture fills) from disjoint sets of
+photos. Training uses the photos, scans and colour graphics bundled with scikit-image (those that
+load without a download), except the held-out three and two that resemble them: `cat` (the same
+photo as `chelsea`) and `microaneurysms` (a fundus crop, the held-out `retina`'s kind of image).
+Also left out: the binary images, the checkerboard, and the float-valued or tiny ones.
+Widening the training set from its first eight photos to these sixteen raised the scratch model's
+held-out single-point IoU by about 0.012 (mean of four runs each, seeds 0 and 1: 0.756 -> 0.768 on
+each run's own held-out images, 0.735 -> 0.747 on one fixed set), where no optimiser or loss change
+tried did better than run-to-run noise (about +-0.01): much of its gap was the shift to unseen photos.
 """
 
 from __future__ import annotations
@@ -17,7 +25,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 TRAIN_PHOTOS = ("astronaut", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
-                "camera", "brick", "grass")
+                "camera", "brick", "grass", "cell", "clock", "coins", "moon", "page", "text",
+                "colorwheel", "logo")
 HELDOUT_PHOTOS = ("chelsea", "retina", "gravel")
 SPLITS = {"train": TRAIN_PHOTOS, "heldout": HELDOUT_PHOTOS}
 
