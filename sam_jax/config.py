@@ -58,6 +58,8 @@ class SamConfig:
         problems = []
         if self.image_size % self.patch_size:
             problems.append(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.encoder_depth < 1:  # the converter reads head and MLP sizes off block 0
+            problems.append(f"encoder_depth must be at least 1, got {self.encoder_depth}")
         if self.encoder_embed_dim % self.encoder_num_heads:
             problems.append("encoder_embed_dim must be divisible by encoder_num_heads")
         if any(not 0 <= i < self.encoder_depth for i in self.encoder_global_attn_indexes):
