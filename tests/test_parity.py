@@ -148,6 +148,24 @@ def test_attention_impl_is_checked():
                    method=sam_jax.Sam.encode_image)
 
 
+def test_fused_attention_backend(monkeypatch):
+    """cuDNN is asked for only where it takes the inputs: left to choose, JAX ran XLA's attention
+    with the rel-pos bias on an H100 (1.36x slower for vit_h); everywhere else JAX chooses."""
+    from types import SimpleNamespace
+
+    from sam_jax.modeling.image_encoder import fused_attention_backend as pick
+
+    assert pick(jnp.bfloat16, 64) is None  # this CPU
+    cuda = SimpleNamespace(platform="gpu", client=SimpleNamespace(platform_version="cuda 13000"))
+    rocm = SimpleNamespace(platform="gpu", client=SimpleNamespace(platform_version="rocm 6.2"))
+    monkeypatch.setattr(jax, "devices", lambda *a: [cuda])
+    assert pick(jnp.bfloat16, 80) == "cudnn" and pick(jnp.float16, 64) == "cudnn"  # vit_h, vit_b/l
+    assert pick(jnp.float32, 64) is None  # cuDNN's fused attention is bf16 / fp16 only
+    assert pick(jnp.bfloat16, 12) is None and pick(jnp.bfloat16, 136) is None  # head dims it lacks
+    monkeypatch.setattr(jax, "devices", lambda *a: [rocm])
+    assert pick(jnp.bfloat16, 64) is None
+
+
 @pytest.mark.parametrize("case_name", list(prompt_cases(64)))
 def test_prompt_encoder(ref, case_name):
     s = ref.model.config.image_size
