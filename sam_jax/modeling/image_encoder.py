@@ -70,9 +70,9 @@ CHUNK_BYTES = 4 << 20
 # positions added, softmax, then the values; on CPU the global blocks process a few grid rows of
 # queries at a time (`auto_chunk_rows`), which XLA:CPU runs fastest. "dot_product_attention":
 # `jax.nn.dot_product_attention` with the relative positions as a dense bias, which on a CUDA GPU
-# runs cuDNN's fused attention for bf16 / fp16 compute (`fused_attention_backend`) (the bias holds heads x N x N values per image:
-# 16 x 4096 x 4096, 0.5 GB in bf16, for a vit_h global block). Both give the same embeddings up
-# to float rounding (tests/test_parity.py).
+# runs cuDNN's fused attention for bf16 / fp16 compute (see `fused_attention_backend`; the bias
+# holds heads x N x N values per image: 16 x 4096 x 4096, 0.5 GB in bf16, for a vit_h global
+# block). Both give the same embeddings up to float rounding (tests/test_parity.py).
 ATTENTION_IMPLS = ("chunked", "dot_product_attention")
 
 
