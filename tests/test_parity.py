@@ -150,7 +150,7 @@ def test_attention_impl_is_checked():
 
 def test_fused_attention_backend(monkeypatch):
     """cuDNN is asked for only where it takes the inputs: left to choose, JAX ran XLA's attention
-    with the rel-pos bias on an H100 (1.36x slower for vit_h); everywhere else JAX chooses."""
+    with the rel-pos bias on an H100 (1.35x slower for vit_h at batch 8); elsewhere JAX chooses."""
     from types import SimpleNamespace
 
     from sam_jax.modeling.image_encoder import fused_attention_backend as pick
