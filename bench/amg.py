@@ -41,17 +41,10 @@ from typing import Any, Dict, List
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
-from bench.common import peak_rss_mb, write_results  # noqa: E402
+from bench.common import load_image, peak_rss_mb, write_results  # noqa: E402
 
 SIDES = ("official", "sam_jax")
 ROWS = ("generate", "from embedding")
-
-
-def load_image(name: str):
-    import numpy as np
-    import skimage.data
-
-    return np.ascontiguousarray(getattr(skimage.data, name)()[..., :3])
 
 
 def child(side: str, row: str, workdir: str, image_name: str, repeats: int, device: str = "cpu",

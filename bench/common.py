@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: peak-memory reading and writing the results."""
+"""What the benchmark scripts share: the test photo, peak-memory reading and writing the results."""
 
 from __future__ import annotations
 
@@ -24,3 +24,11 @@ def write_results(path: str, meta: Dict[str, Any]) -> None:
     with open(path, "w") as f:
         json.dump(meta, f, indent=1)
     print(f"wrote {path}")
+
+
+def load_image(name: str):
+    """A photo bundled with scikit-image (no download), as (H, W, 3) uint8 RGB."""
+    import numpy as np
+    import skimage.data
+
+    return np.ascontiguousarray(getattr(skimage.data, name)()[..., :3])

@@ -46,7 +46,7 @@ from typing import Any, Callable, Dict, List
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
-from bench.common import peak_rss_mb, write_results  # noqa: E402
+from bench.common import load_image, peak_rss_mb, write_results  # noqa: E402
 from bench.official_fast import (MODES, OfficialConfig, configure_official, default_device, default_mode,  # noqa: E402
                                  synchronize, torch_matmul_tflops)
 
@@ -175,12 +175,6 @@ def _timed(fn: Callable[[], Any]) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
-
-
-def load_image(name: str) -> np.ndarray:
-    import skimage.data
-
-    return np.ascontiguousarray(getattr(skimage.data, name)()[..., :3])
 
 
 def build(model_type: str, workdir: str, official_config: OfficialConfig = OfficialConfig()):
