@@ -1,4 +1,5 @@
-"""Saving and loading converted weights (`.safetensors`), and loading official `.pth` files."""
+"""Saving and loading converted weights (`.safetensors`); loading official `.pth` files and Hugging
+Face checkpoints through the converter."""
 
 from __future__ import annotations
 
@@ -90,16 +91,37 @@ def _load_safetensors(path: str) -> Tuple[Sam, Params]:
 
 
 def load(path: str | os.PathLike, model_type: str = "auto") -> Tuple[Sam, Params]:
-    """Loads `(model, params)` from a converted `.safetensors` or an official `.pth` (needs torch).
+    """Loads `(model, params)` from any checkpoint `python -m convert` reads.
 
-    `model_type` applies to `.pth` files only ("auto" detects it from the tensor shapes).
+    - a sam_jax `.safetensors` (what `python -m convert` and `sam_jax.save` write): read as is;
+    - an official `.pth` such as `sam_vit_b_01ec64.pth` (needs torch);
+    - a Hugging Face `facebook/sam-vit-*` folder (`config.json` + `model.safetensors`), or a
+      `.safetensors` file holding official or Hugging Face tensor names (no torch needed).
+
+    Checkpoints other than sam_jax's are converted in memory on every call; convert once with
+    `python -m convert` to load faster. `model_type` ("vit_b", ...) checks a converted checkpoint's
+    model ("auto" detects it from the tensor shapes); it does not apply to sam_jax files.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such weights file: {path}")
-    if path.endswith(".safetensors"):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such weights file or folder: {path}")
+    if os.path.isfile(path) and path.endswith(".safetensors") and _safetensors_format(path) == FORMAT:
         return _load_safetensors(path)
-    from convert.official import load_official  # torch is only needed for .pth
+    from convert.__main__ import load_source  # torch is needed for .pth / .bin files only
+    from convert.errors import ConversionError
 
-    config, params = load_official(path, model_type)
+    try:
+        config, params = load_source(path, model_type)
+    except ConversionError as e:
+        raise ValueError(f"{path}: {e}") from None
     return build_sam(config), jax.tree_util.tree_map(jnp.asarray, params)
+
+
+def _safetensors_format(path: str) -> Any:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="numpy") as f:
+            return (f.metadata() or {}).get("format")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None

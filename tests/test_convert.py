@@ -221,8 +221,10 @@ def test_load_rejects_foreign_safetensors(tmp_path):
 
     path = tmp_path / "foreign.safetensors"
     save_file({"x": np.zeros(3, np.float32)}, str(path))
-    with pytest.raises(ValueError, match="not a sam_jax weights file"):
+    with pytest.raises(ValueError, match="foreign.safetensors: cannot detect the model type"):
         sam_jax.load(path)
+    with pytest.raises(FileNotFoundError, match="no such weights file or folder"):
+        sam_jax.load(tmp_path / "missing.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         sam_jax.load(tmp_path / "junk.safetensors")
