@@ -12,7 +12,8 @@
   python examples/finetune.py --weights sam_vit_b.safetensors --images imgs/ --masks masks/ \
       --steps 5000 --out out/run
   python examples/finetune.py --weights sam_vit_b.safetensors --coco ann.json --images imgs/ ...
-  # LoRA on the encoder's attention projections (qwix), bf16 compute, rematerialised blocks:
+  # LoRA on the encoder's attention projections (qwix), bf16 compute, and --remat: encoder blocks
+  # and interactive rounds recomputed in the backward pass (less memory, same gradient):
   python examples/finetune.py ... --encoder lora --lora-rank 8 --bf16 --remat
   # On a Linux CPU, jemalloc that keeps freed memory spares the page faults of XLA's per-step
   # buffers (vit_b research path: 1.49x faster; see the README's Fine-tune section):
@@ -92,7 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--lora-rank", type=int, default=4)
     m.add_argument("--lora-alpha", type=float, default=4.0)
     m.add_argument("--bf16", action="store_true", help="bfloat16 compute (params stay float32)")
-    m.add_argument("--remat", action="store_true", help="recompute encoder blocks in the backward pass")
+    m.add_argument("--remat", action="store_true",
+                   help="recompute encoder blocks and interactive rounds in the backward pass (less memory)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--steps", type=int, default=1000)
     o.add_argument("--batch-size", type=int, default=8, help="images per step")
@@ -169,7 +171,8 @@ def main(argv=None) -> Dict[str, List[float]]:
 
     cfg = train.TrainConfig(
         learning_rate=a.lr, weight_decay=a.weight_decay, warmup_steps=a.warmup, decay_steps=a.steps,
-        encoder=a.encoder, prompts=train.PromptConfig(a.corrective_points, a.no_point_rounds, a.box_prob))
+        encoder=a.encoder, prompts=train.PromptConfig(a.corrective_points, a.no_point_rounds, a.box_prob),
+        remat_rounds=a.remat)
     tx = train.make_optimizer(cfg, params)
     state = train.TrainState.create(params, tx)
     step_fn = train.make_train_step(model, tx, cfg)

@@ -44,7 +44,8 @@ def decode_loss(
 
 
 def _episode(model: Sam, params: Params, embeddings: jax.Array, gt: jax.Array, key: jax.Array,
-             pc: PromptConfig, lc: LossConfig, use_box: bool) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+             pc: PromptConfig, lc: LossConfig, use_box: bool, remat_rounds: bool
+             ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     p, s = gt.shape[0], gt.shape[-1]
     k_first, k_sched, k_rounds = jax.random.split(key, 3)
     coords = jnp.zeros((p, pc.point_slots, 2), jnp.float32)
@@ -80,6 +81,8 @@ def _episode(model: Sam, params: Params, embeddings: jax.Array, gt: jax.Array, k
         loss, aux = decode_loss(model, params, embeddings, gt, coords, labels, boxes, prev, False, lc)
         return (coords, labels, n_points + add.astype(jnp.int32), aux["logits"][:, 0]), (loss, aux["iou"])
 
+    if remat_rounds:  # keep each round's carry, recompute its activations in the backward pass
+        round_ = jax.checkpoint(round_, prevent_cse=False)
     schedule = point_schedule(k_sched, pc)
     keys = jax.random.split(k_rounds, pc.later_rounds)
     _, (losses, ious) = jax.lax.scan(round_, (coords, labels, jnp.int32(1), prev), (schedule, keys))
@@ -95,6 +98,7 @@ def interactive_loss(
     key: jax.Array,
     prompt_config: PromptConfig = PromptConfig(),
     loss_config: LossConfig = LossConfig(),
+    remat_rounds: bool = False,
 ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """Mean loss over the rounds of one simulated interactive episode per prompt.
 
@@ -104,6 +108,10 @@ def interactive_loss(
       embeddings: (P, h, w, C) NHWC, one per ground-truth mask, or (1, h, w, C) shared.
       gt_masks: (P, S, S) bool, model-input frame.
       key: PRNG key; the episode is a deterministic function of it.
+      remat_rounds: recompute each later round's decoder pass in the backward pass instead of
+        keeping its activations: the gradient is the same, the memory of the rounds after the
+        first falls from one set of activations per round to one set in all, for about one more
+        decoder forward pass per round (see `TrainConfig.remat_rounds`).
 
     Returns:
       (scalar loss, metrics): "loss", "loss_first", "iou_first" (true IoU of the first round's
@@ -114,7 +122,7 @@ def interactive_loss(
         raise ValueError(f"gt_masks must be (P, S, S), got shape {gt_masks.shape}")
     k_kind, k_episode = jax.random.split(key)
     run = lambda use_box: _episode(model, params, embeddings, gt_masks, k_episode,  # noqa: E731
-                                   prompt_config, loss_config, use_box)
+                                   prompt_config, loss_config, use_box, remat_rounds)
     if prompt_config.box_prob in (0.0, 1.0):
         return run(prompt_config.box_prob == 1.0)
     # Points and boxes need different decoder inputs (a box replaces the "not a point" token), so

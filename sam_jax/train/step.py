@@ -48,6 +48,9 @@ class TrainConfig:
       grad_clip_norm (float | None): clip trainable gradients to this global norm.
       encoder (str): "frozen", "full" or "lora" (see the module docstring).
       loss (LossConfig), prompts (PromptConfig): the objective.
+      remat_rounds (bool): recompute the decoder pass of each interactive round after the first in
+        the backward pass (`objective.interactive_loss`): same gradient, far less memory for the
+        paper's 11-round episodes at full size, at the cost of a second decoder forward pass.
     """
 
     learning_rate: float = 1e-4
@@ -58,6 +61,7 @@ class TrainConfig:
     encoder: str = "frozen"
     loss: LossConfig = LossConfig()
     prompts: PromptConfig = PromptConfig()
+    remat_rounds: bool = False
 
     def __post_init__(self) -> None:
         if self.encoder not in ENCODER_MODES:
@@ -159,7 +163,8 @@ def make_train_step(model: Sam, tx: optax.GradientTransformation, config: TrainC
             e = model.apply({"params": params}, batch["images"], method="encode_image") \
                 if encode_in_grad else emb
             e = jnp.repeat(e, k, axis=0)  # one embedding per ground-truth mask
-            return interactive_loss(model, params, e, gt, key, config.prompts, config.loss)
+            return interactive_loss(model, params, e, gt, key, config.prompts, config.loss,
+                                    config.remat_rounds)
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(train)
         # Frozen leaves need a placeholder in the update tree; set_to_zero ignores it and the
