@@ -105,6 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     o.add_argument("--corrective-points", type=int, default=8)
     o.add_argument("--no-point-rounds", type=int, default=2)
     o.add_argument("--box-prob", type=float, default=0.5)
+    o.add_argument("--point-margin", type=int, default=0,
+                   help="first points only where a (2m+1)^2 square around them is inside the mask")
     o.add_argument("--augment", action="store_true",
                    help="random flips/transposes and colour jitter of each training image")
     o.add_argument("--seed", type=int, default=0)
@@ -171,7 +173,8 @@ def main(argv=None) -> Dict[str, List[float]]:
 
     cfg = train.TrainConfig(
         learning_rate=a.lr, weight_decay=a.weight_decay, warmup_steps=a.warmup, decay_steps=a.steps,
-        encoder=a.encoder, prompts=train.PromptConfig(a.corrective_points, a.no_point_rounds, a.box_prob),
+        encoder=a.encoder, prompts=train.PromptConfig(a.corrective_points, a.no_point_rounds, a.box_prob,
+                                   point_margin=a.point_margin),
         remat_rounds=a.remat)
     tx = train.make_optimizer(cfg, params)
     state = train.TrainState.create(params, tx)

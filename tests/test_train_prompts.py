@@ -10,6 +10,7 @@ import pytest
 from sam_jax import PAD_LABEL
 from sam_jax.train import (PromptConfig, interactive_loss, mask_boxes, noisy_boxes, point_schedule,
                            sample_corrective_points, sample_foreground_points)
+from sam_jax.train.prompts import interior
 
 
 def _masks(s=64):
@@ -33,6 +34,33 @@ def test_foreground_points_inside_and_deterministic():
     c2 = sample_foreground_points(jax.random.PRNGKey(0), jnp.asarray(m))[0]
     c3 = sample_foreground_points(jax.random.PRNGKey(1), jnp.asarray(m))[0]
     assert np.array_equal(c1, c2) and not np.array_equal(c1, c3)
+
+
+def test_point_margin_keeps_first_points_inside():
+    """point_margin=m: every first point has its (2m+1)^2 square inside the mask, over many keys the
+    points cover that interior; a mask too thin for the margin gets its deepest pixels."""
+    m = _masks()
+    m[2, 10, 5:60] = True  # a one-pixel line: no interior at margin 1 or 2
+    m[2, 30:33, 20:40] = True  # a 3-pixel bar: an interior at margin 1 (its middle row), not 2
+    mj = jnp.asarray(m)
+    inner = np.asarray(interior(mj, 2))
+    assert inner[2].sum() == 18 and inner[2, 31, 21:39].all()  # the fallback: the bar's middle row
+    only_line = np.zeros_like(m[:1])
+    only_line[0, 10, 5:60] = True
+    assert np.array_equal(np.asarray(interior(jnp.asarray(only_line), 2)), only_line)  # all of it
+    assert 0 < inner[0].sum() < m[0].sum() and 0 < inner[1].sum() < m[1].sum()
+    seen = [set(), set()]
+    for seed in range(200):
+        c = np.asarray(sample_foreground_points(jax.random.PRNGKey(seed), mj, 2)[0])[:, 0].astype(int)
+        for i in range(2):
+            x, y = c[i]
+            assert m[i, y - 2:y + 3, x - 2:x + 3].all()
+            seen[i].add((x, y))
+        assert c[2, 1] == 31 and 21 <= c[2, 0] <= 38
+    assert len(seen[0]) > 0.5 * inner[0].sum()  # spread over the interior (uniform: ~85% hit in 200)
+    assert np.array_equal(np.asarray(interior(mj, 0)), m)
+    with pytest.raises(ValueError, match="point_margin"):
+        PromptConfig(point_margin=-1)
 
 
 def test_boxes_and_noise():

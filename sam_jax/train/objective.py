@@ -54,7 +54,7 @@ def _episode(model: Sam, params: Params, embeddings: jax.Array, gt: jax.Array, k
         boxes = noisy_boxes(k_first, mask_boxes(gt), s, pc.box_noise, pc.box_noise_max_px)
     else:
         boxes = None
-        c0, l0 = sample_foreground_points(k_first, gt)
+        c0, l0 = sample_foreground_points(k_first, gt, pc.point_margin)
         coords, labels = coords.at[:, :1].set(c0), labels.at[:, :1].set(l0)
 
     loss0, aux0 = decode_loss(model, params, embeddings, gt, coords, labels, boxes, None,

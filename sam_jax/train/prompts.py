@@ -6,7 +6,8 @@ mask), masks in the MODEL-INPUT frame (P, S, S), points padded to a fixed number
 Coordinates are (x, y) pixel indices in the model-input frame, as `Sam.decode` takes them.
 
 A training episode (see `sam_jax.train.objective.interactive_loss`):
-  * round 0: a uniformly random foreground point (label 1) or, with probability `box_prob`, the
+  * round 0: a uniformly random foreground point (label 1; optionally kept `point_margin` pixels
+    inside the mask) or, with probability `box_prob`, the
     ground-truth box with gaussian noise of std `box_noise` x side (capped at `box_noise_max_px`);
   * `corrective_points` rounds each add one point sampled uniformly from the error region of the
     previous prediction: a missed pixel gives a positive point (1), a wrongly included pixel a
@@ -19,6 +20,7 @@ Every round after the first feeds the previous round's low-res logits as `mask_i
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Tuple
 
 import jax
@@ -39,6 +41,10 @@ class PromptConfig:
       box_noise_max_px (float): cap on that std, in model-input pixels (20).
       multimask_first (bool): the first, single prompt uses the 3 multimask outputs (trained on
         the lowest-loss one); later rounds have several prompts and use the single-mask output.
+      point_margin (int): the first point is drawn from the mask pixels whose (2m+1) x (2m+1)
+        neighbourhood lies inside the mask, or from the deepest pixels of a mask too thin for that
+        (0, the paper: from every mask pixel). Clicks a user makes, and the SAM paper's
+        single-point evaluation (the point farthest from the boundary), sit inside objects.
     """
 
     corrective_points: int = 8
@@ -47,10 +53,13 @@ class PromptConfig:
     box_noise: float = 0.1
     box_noise_max_px: float = 20.0
     multimask_first: bool = True
+    point_margin: int = 0
 
     def __post_init__(self) -> None:
         if self.corrective_points < 0 or self.no_point_rounds < 0:
             raise ValueError("corrective_points and no_point_rounds must be >= 0")
+        if not isinstance(self.point_margin, int) or self.point_margin < 0:
+            raise ValueError(f"point_margin must be an int >= 0, got {self.point_margin!r}")
         if not 0.0 <= self.box_prob <= 1.0:
             raise ValueError(f"box_prob must lie in [0, 1], got {self.box_prob}")
 
@@ -67,21 +76,59 @@ class PromptConfig:
 
 def _sample_pixel(key: jax.Array, region: jax.Array) -> Tuple[jax.Array, jax.Array]:
     """A uniformly random True pixel of each (P, H, W) region -> (x, y) (P, 2) float32 and
-    `found` (P,) bool (False where the region is empty; the coordinates are then 0)."""
+    `found` (P,) bool (False where the region is empty; the coordinates are then 0).
+
+    One random integer per region picks its k-th True pixel in raster order, located by running
+    counts over the rows, then along the chosen row. (A Gumbel-max over the pixels draws H x W
+    random numbers instead: 1.08 s against 0.08 s for 16 regions of 1024 x 1024 on one CPU core,
+    and this runs once per interactive round.)
+    """
     p, h, w = region.shape
-    flat = region.reshape(p, h * w)
-    gumbel = jax.random.gumbel(key, flat.shape)
-    idx = jnp.argmax(jnp.where(flat, gumbel, -jnp.inf), axis=1)
-    found = jnp.any(flat, axis=1)
-    idx = jnp.where(found, idx, 0)
-    xy = jnp.stack([idx % w, idx // w], axis=-1).astype(jnp.float32)
+    r = region.astype(jnp.int32)
+    rows = jnp.sum(r, axis=2)  # (P, H) True pixels per row
+    upto = jnp.cumsum(rows, axis=1)  # (P, H) True pixels in rows 0..y
+    count = upto[:, -1]
+    k = jax.random.randint(key, (p,), 0, jnp.maximum(count, 1))  # the k-th True pixel, 0-based
+    y = jnp.argmax(upto > k[:, None], axis=1)  # the row that holds it
+    before = jnp.take_along_axis(upto - rows, y[:, None], axis=1)[:, 0]  # True pixels above row y
+    row = jnp.take_along_axis(r, y[:, None, None], axis=1)[:, 0]  # (P, W)
+    x = jnp.argmax(jnp.cumsum(row, axis=1) > (k - before)[:, None], axis=1)
+    found = count > 0
+    xy = jnp.stack([jnp.where(found, x, 0), jnp.where(found, y, 0)], axis=-1).astype(jnp.float32)
     return xy, found
 
 
-def sample_foreground_points(key: jax.Array, gt_masks: jax.Array) -> Tuple[jax.Array, jax.Array]:
+def _erode(masks: jax.Array) -> jax.Array:
+    """3 x 3 erosion of (P, H, W) bool (beyond the frame counts as mask) as shifted ANDs, rows then
+    columns, which XLA fuses into one pass (a reduce_window cost ~10% of a nano64 step)."""
+    out = masks
+    for axis in (1, 2):
+        n = masks.shape[axis]
+        pad = [(0, 0)] * 3
+        pad[axis] = (1, 1)
+        padded = jnp.pad(out, pad, constant_values=True)
+        shifted = [jax.lax.slice_in_dim(padded, d, d + n, axis=axis) for d in range(3)]
+        out = functools.reduce(jnp.logical_and, shifted)
+    return out
+
+
+def interior(masks: jax.Array, margin: int) -> jax.Array:
+    """(P, H, W) bool -> the pixels whose (2 margin + 1)^2 neighbourhood is all mask; a mask too thin
+    for that keeps its deepest pixels (the largest smaller margin that leaves any). Beyond the
+    frame counts as mask: a shape cut by the image edge keeps its pixels there."""
+    out = inner = masks.astype(bool)
+    for _ in range(margin):
+        inner = _erode(inner)
+        out = jnp.where(jnp.any(inner, axis=(1, 2), keepdims=True), inner, out)
+    return out
+
+
+def sample_foreground_points(key: jax.Array, gt_masks: jax.Array, margin: int = 0
+                             ) -> Tuple[jax.Array, jax.Array]:
     """One uniformly random foreground point per mask: gt (P, S, S) -> coords (P, 1, 2) float32,
-    labels (P, 1) int32 (1, or PAD_LABEL for an empty mask)."""
-    xy, found = _sample_pixel(key, gt_masks.astype(bool))
+    labels (P, 1) int32 (1, or PAD_LABEL for an empty mask). With `margin` > 0 the point is drawn
+    from `interior(gt, margin)`."""
+    xy, found = _sample_pixel(key, interior(gt_masks, margin))
     labels = jnp.where(found, 1, PAD_LABEL).astype(jnp.int32)
     return xy[:, None], labels[:, None]
 
