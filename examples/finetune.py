@@ -123,6 +123,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("give --synthetic N, or --images with --masks or --coco")
     if (a.masks or a.coco) and not a.images:
         p.error("--masks and --coco need --images")
+    if a.point_margin < 0:
+        p.error(f"--point-margin must be >= 0, got {a.point_margin}")
     if a.augment and a.encoder == "frozen":
         p.error("--augment changes images, but --encoder frozen trains on embeddings cached once")
     if not a.no_plots:

@@ -96,3 +96,26 @@ def to_nchw(x) -> torch.Tensor:
 
 def to_nhwc(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def count_params_without_torch(path: str) -> int:
+    """`sam_jax.load(path)` in a fresh interpreter where importing torch fails: its parameter
+    count. Fails the test, with the child's stderr, if loading needed torch."""
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' or name.startswith('torch.'):\n"
+        "            raise ImportError('torch is blocked in this test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import sam_jax\n"
+        f"model, params = sam_jax.load({path!r})\n"
+        "assert 'torch' not in sys.modules\n"
+        "print(sam_jax.count_params(params))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=os.path.dirname(HERE), timeout=300)
+    assert r.returncode == 0, r.stderr
+    return int(r.stdout.strip())

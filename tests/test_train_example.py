@@ -85,6 +85,9 @@ def test_scratch_config_trains_encoder_on_augmented_images(tmp_path):
     with pytest.raises(SystemExit) as exc:
         _run(["--synthetic", "4", "--augment", "--out", str(tmp_path / "x")])  # encoder frozen
     assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        _run(["--synthetic", "4", "--point-margin", "-1", "--out", str(tmp_path / "x")])
+    assert exc.value.code == 2
 
 
 def _has_matplotlib() -> bool:

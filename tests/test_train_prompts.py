@@ -121,13 +121,19 @@ def test_config_validation():
         PromptConfig(corrective_points=-1)
 
 
-def test_episode_is_a_function_of_the_key(tiny):
+def _episode_inputs(tiny):
+    """The tiny model, its params, two random image embeddings and two masks in its input frame."""
     model, params = tiny.model, tiny.params
     s = model.config.image_size
     g = model.config.embedding_size
     gt = jnp.asarray(np.stack([np.pad(_masks(64)[0], ((20, s - 84), (30, s - 94))),
                                np.pad(_masks(64)[1], ((50, s - 114), (10, s - 74)))]))
     emb = jax.random.normal(jax.random.PRNGKey(5), (2, g, g, model.config.prompt_embed_dim))
+    return model, params, emb, gt
+
+
+def test_episode_is_a_function_of_the_key(tiny):
+    model, params, emb, gt = _episode_inputs(tiny)
     cfg = PromptConfig(corrective_points=1, no_point_rounds=1, box_prob=0.5)
     f = jax.jit(lambda k: interactive_loss(model, params, emb, gt, k, cfg))
     runs = {int(seed): f(jax.random.PRNGKey(seed)) for seed in (0, 0, 1, 2, 3, 4, 5)}
@@ -145,12 +151,7 @@ def test_episode_is_a_function_of_the_key(tiny):
 def test_remat_rounds_same_gradient_less_memory(tiny):
     """remat_rounds recomputes each later round in the backward pass: the loss and the gradient
     are those of the plain episode, and the compiled step keeps fewer activations."""
-    model, params = tiny.model, tiny.params
-    s = model.config.image_size
-    g = model.config.embedding_size
-    gt = jnp.asarray(np.stack([np.pad(_masks(64)[0], ((20, s - 84), (30, s - 94))),
-                               np.pad(_masks(64)[1], ((50, s - 114), (10, s - 74)))]))
-    emb = jax.random.normal(jax.random.PRNGKey(5), (2, g, g, model.config.prompt_embed_dim))
+    model, params, emb, gt = _episode_inputs(tiny)
     cfg = PromptConfig(corrective_points=4, no_point_rounds=1, box_prob=0.0)
     dec = {k: v for k, v in params.items() if k != "image_encoder"}
 

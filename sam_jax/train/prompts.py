@@ -6,9 +6,9 @@ mask), masks in the MODEL-INPUT frame (P, S, S), points padded to a fixed number
 Coordinates are (x, y) pixel indices in the model-input frame, as `Sam.decode` takes them.
 
 A training episode (see `sam_jax.train.objective.interactive_loss`):
-  * round 0: a uniformly random foreground point (label 1; optionally kept `point_margin` pixels
-    inside the mask) or, with probability `box_prob`, the
-    ground-truth box with gaussian noise of std `box_noise` x side (capped at `box_noise_max_px`);
+  * round 0: a uniformly random foreground point (label 1; optionally `point_margin` pixels inside
+    the mask) or, with probability `box_prob`, the ground-truth box with gaussian noise of std
+    `box_noise` x side (capped at `box_noise_max_px`);
   * `corrective_points` rounds each add one point sampled uniformly from the error region of the
     previous prediction: a missed pixel gives a positive point (1), a wrongly included pixel a
     negative one (0); if the prediction is perfect the slot stays PAD_LABEL;
