@@ -67,19 +67,15 @@ def check_params(params: Params, model: Sam, source: str = "params") -> None:
         raise ValueError(f"{source} do not fit the model: {head}")
 
 
-def _load_safetensors(path: str) -> Tuple[Sam, Params]:
-    from safetensors import SafetensorError, safe_open
+def _load_safetensors(path: str, meta: Dict[str, str]) -> Tuple[Sam, Params]:
+    """A sam_jax file, given its header metadata (`_safetensors_metadata`)."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     try:
-        with safe_open(path, framework="numpy") as f:
-            meta = f.metadata() or {}
         flat = load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a sam_jax weights file (metadata format={meta.get('format')!r}); "
-                         "convert it first with `python -m convert`")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format version {meta.get('format_version')!r} is not supported "
                          f"(this sam_jax reads {FORMAT_VERSION})")
@@ -105,8 +101,10 @@ def load(path: str | os.PathLike, model_type: str = "auto") -> Tuple[Sam, Params
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such weights file or folder: {path}")
-    if os.path.isfile(path) and path.endswith(".safetensors") and _safetensors_format(path) == FORMAT:
-        return _load_safetensors(path)
+    if os.path.isfile(path) and path.endswith(".safetensors"):
+        meta = _safetensors_metadata(path)
+        if meta.get("format") == FORMAT:
+            return _load_safetensors(path, meta)
     from convert.__main__ import load_source  # torch is needed for .pth / .bin files only
     from convert.errors import ConversionError
 
@@ -117,11 +115,12 @@ def load(path: str | os.PathLike, model_type: str = "auto") -> Tuple[Sam, Params
     return build_sam(config), jax.tree_util.tree_map(jnp.asarray, params)
 
 
-def _safetensors_format(path: str) -> Any:
+def _safetensors_metadata(path: str) -> Dict[str, str]:
+    """The header metadata of a safetensors file (read without loading its tensors)."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(path, framework="numpy") as f:
-            return (f.metadata() or {}).get("format")
+            return f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
