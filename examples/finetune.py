@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -77,45 +78,72 @@ SCRATCH_CONFIGS = {
 }
 
 
+def _number(kind, lo=None, above=None, hi=None, below=None):
+    """argparse type: a `kind` number with lo <= x (or above < x) and x <= hi (or x < below); anything
+    else is a usage error that names the flag and the range."""
+    def parse(text: str):
+        v = kind(text)  # ValueError -> argparse's "invalid int/float value"
+        ok = math.isfinite(v) and (lo is None or v >= lo) and (above is None or v > above) \
+            and (hi is None or v <= hi) and (below is None or v < below)
+        if not ok:
+            want = [f"{op} {b}" for op, b in ((">=", lo), (">", above), ("<=", hi), ("<", below))
+                    if b is not None]
+            raise argparse.ArgumentTypeError(f"must be {' and '.join(want)}, got {text}")
+        return v
+    parse.__name__ = kind.__name__
+    return parse
+
+
+_COUNT, _POSITIVE = _number(int, lo=0), _number(int, lo=1)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors print one line (no usage block) and exit 2, like the sam_jax CLIs."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = _Parser(description=__doc__.split("\n")[0])
     src = p.add_argument_group("data")
-    src.add_argument("--synthetic", type=int, default=0, help="N synthetic training images")
+    src.add_argument("--synthetic", type=_COUNT, default=0, help="N synthetic training images")
     src.add_argument("--images", help="image folder (with --masks or --coco)")
     src.add_argument("--masks", help="mask folder: STEM.png (binary or labels) or STEM/*.png")
     src.add_argument("--coco", help="COCO instances json (images in --images)")
-    src.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of folder data")
-    src.add_argument("--heldout", type=int, default=200, help="held-out synthetic images")
+    src.add_argument("--val-fraction", type=_number(float, lo=0.0, below=1.0), default=0.1,
+                     help="held-out share of folder data")
+    src.add_argument("--heldout", type=_POSITIVE, default=200, help="held-out synthetic images")
     m = p.add_argument_group("model")
     m.add_argument("--weights", help="start from these weights (.safetensors or official .pth)")
     m.add_argument("--model", default="small", help="from scratch: small, tiny, vit_b, ...")
     m.add_argument("--encoder", default="frozen", choices=train.step.ENCODER_MODES)
-    m.add_argument("--lora-rank", type=int, default=4)
-    m.add_argument("--lora-alpha", type=float, default=4.0)
+    m.add_argument("--lora-rank", type=_POSITIVE, default=4)
+    m.add_argument("--lora-alpha", type=_number(float, above=0.0), default=4.0)
     m.add_argument("--bf16", action="store_true", help="bfloat16 compute (params stay float32)")
     m.add_argument("--remat", action="store_true",
                    help="recompute encoder blocks and interactive rounds in the backward pass (less memory)")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--steps", type=int, default=1000)
-    o.add_argument("--batch-size", type=int, default=8, help="images per step")
-    o.add_argument("--objects", type=int, default=4, help="ground-truth masks per image per step")
-    o.add_argument("--lr", type=float, default=1e-4)
-    o.add_argument("--warmup", type=int, default=100)
-    o.add_argument("--weight-decay", type=float, default=0.1)
-    o.add_argument("--corrective-points", type=int, default=8)
-    o.add_argument("--no-point-rounds", type=int, default=2)
-    o.add_argument("--box-prob", type=float, default=0.5)
-    o.add_argument("--point-margin", type=int, default=0,
+    o.add_argument("--steps", type=_POSITIVE, default=1000)
+    o.add_argument("--batch-size", type=_POSITIVE, default=8, help="images per step")
+    o.add_argument("--objects", type=_POSITIVE, default=4, help="ground-truth masks per image per step")
+    o.add_argument("--lr", type=_number(float, above=0.0), default=1e-4)
+    o.add_argument("--warmup", type=_COUNT, default=100)
+    o.add_argument("--weight-decay", type=_number(float, lo=0.0), default=0.1)
+    o.add_argument("--corrective-points", type=_COUNT, default=8)
+    o.add_argument("--no-point-rounds", type=_COUNT, default=2)
+    o.add_argument("--box-prob", type=_number(float, lo=0.0, hi=1.0), default=0.5)
+    o.add_argument("--point-margin", type=_COUNT, default=0,
                    help="first points only where a (2m+1)^2 square around them is inside the mask")
     o.add_argument("--augment", action="store_true",
                    help="random flips/transposes and colour jitter of each training image")
     o.add_argument("--seed", type=int, default=0)
     r = p.add_argument_group("run")
     r.add_argument("--out", required=True)
-    r.add_argument("--eval-every", type=int, default=100)
-    r.add_argument("--checkpoint-every", type=int, default=250)
+    r.add_argument("--eval-every", type=_POSITIVE, default=100)
+    r.add_argument("--checkpoint-every", type=_POSITIVE, default=250)
     r.add_argument("--resume", action="store_true")
-    r.add_argument("--stop-after", type=int, default=0, help="stop (after a checkpoint) at this step")
+    r.add_argument("--stop-after", type=_COUNT, default=0, help="stop (after a checkpoint) at this step")
     r.add_argument("--no-plots", action="store_true")
     r.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
@@ -123,8 +151,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("give --synthetic N, or --images with --masks or --coco")
     if (a.masks or a.coco) and not a.images:
         p.error("--masks and --coco need --images")
-    if a.point_margin < 0:
-        p.error(f"--point-margin must be >= 0, got {a.point_margin}")
     if a.augment and a.encoder == "frozen":
         p.error("--augment changes images, but --encoder frozen trains on embeddings cached once")
     if not a.no_plots:

@@ -85,9 +85,24 @@ def test_scratch_config_trains_encoder_on_augmented_images(tmp_path):
     with pytest.raises(SystemExit) as exc:
         _run(["--synthetic", "4", "--augment", "--out", str(tmp_path / "x")])  # encoder frozen
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("--point-margin", "-1"), ("--steps", "0"), ("--batch-size", "0"), ("--objects", "0"),
+    ("--lr", "0"), ("--lr", "nan"), ("--warmup", "-1"), ("--weight-decay", "-0.1"),
+    ("--corrective-points", "-1"), ("--no-point-rounds", "-2"), ("--box-prob", "1.5"),
+    ("--val-fraction", "1"), ("--heldout", "0"), ("--eval-every", "0"), ("--checkpoint-every", "0"),
+    ("--stop-after", "-1"), ("--lora-rank", "0"), ("--lora-alpha", "inf"), ("--synthetic", "-4"),
+    ("--steps", "ten"),
+])
+def test_out_of_range_flags_are_usage_errors(tmp_path, capsys, flag, value):
+    """A number outside its flag's range stops the run before anything is built: exit 2 and one
+    line that names the flag, not a crash or a silently odd run later."""
     with pytest.raises(SystemExit) as exc:
-        _run(["--synthetic", "4", "--point-margin", "-1", "--out", str(tmp_path / "x")])
+        _run(["--synthetic", "4", flag, value, "--out", str(tmp_path / "x")])
     assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"argument {flag}" in err and value in err, err
 
 
 def _has_matplotlib() -> bool:
