@@ -135,6 +135,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     o.add_argument("--box-prob", type=_number(float, lo=0.0, hi=1.0), default=0.5)
     o.add_argument("--point-margin", type=_COUNT, default=0,
                    help="first points only where a (2m+1)^2 square around them is inside the mask")
+    o.add_argument("--sample-by", default="image", choices=tdata.SAMPLING,
+                   help="draw batch images uniformly, or in proportion to their mask counts so that "
+                        "every mask trains equally often (as the per-mask held-out IoU weighs them)")
     o.add_argument("--augment", action="store_true",
                    help="random flips/transposes and colour jitter of each training image")
     o.add_argument("--seed", type=int, default=0)
@@ -252,7 +255,7 @@ def main(argv=None) -> Dict[str, List[float]]:
 
     def make_batch(t):
         rng = np.random.default_rng([a.seed, t])  # batch t is a function of t: resumable
-        idx = rng.integers(0, len(tr), a.batch_size)
+        idx = tdata.sample_images(rng, tr, a.batch_size, a.sample_by)
         masks = tdata.sample_masks(rng, tr, idx, a.objects)
         if cached is not None:
             return {"masks": jnp.asarray(masks), "embeddings": jnp.asarray(cached[idx])}

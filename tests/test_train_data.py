@@ -138,6 +138,26 @@ def test_center_points_and_sample_masks():
     assert out.shape == (2, 3, 20, 20)
 
 
+def test_sample_images_by_mask_trains_every_mask_equally_often():
+    """by="mask" draws images in proportion to their mask counts, so sample_masks then hits every
+    mask equally often; by="image" hits a lone mask 4x as often as each of 4 crowded ones (K=1)."""
+    s = tdata.Samples(np.zeros((3, 8, 8, 3), np.uint8), np.full((3, 2), 8),
+                      [np.ones((k, 8, 8), bool) for k in (1, 2, 4)], ["a", "b", "c"])
+    draws = 40000
+    for by, want in (("image", [1 / 3] * 3), ("mask", [1 / 7, 2 / 7, 4 / 7])):
+        idx = tdata.sample_images(np.random.default_rng(0), s, draws, by)
+        freq = np.bincount(idx, minlength=3) / draws
+        np.testing.assert_allclose(freq, want, atol=0.01)  # binomial sd at 40000 draws: <= 0.0025
+    per_mask = np.bincount(idx, minlength=3) / np.array([1, 2, 4])  # by="mask", one mask per draw
+    np.testing.assert_allclose(per_mask / per_mask.mean(), 1.0, atol=0.04)
+    np.testing.assert_array_equal(tdata.sample_images(np.random.default_rng(5), s, 7, "mask"),
+                                  tdata.sample_images(np.random.default_rng(5), s, 7, "mask"))
+    with pytest.raises(ValueError, match="by must be one of"):
+        tdata.sample_images(np.random.default_rng(0), s, 2, "pixel")
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        tdata.sample_images(np.random.default_rng(0), s, 0)
+
+
 def test_augment_keeps_images_and_masks_aligned():
     rng = np.random.default_rng(0)
     s, b = 16, 24

@@ -72,10 +72,12 @@ def test_folder_data(tmp_path, tiny):
 
 def test_scratch_config_trains_encoder_on_augmented_images(tmp_path):
     """The CPU from-scratch recipe's path: a SCRATCH_CONFIGS model, the encoder in the gradient,
-    first points inside the masks (--point-margin), images augmented per step (--augment). --augment with cached embeddings is a usage error."""
+    first points inside the masks (--point-margin), images drawn by mask count (--sample-by mask),
+    images augmented per step (--augment). --augment with cached embeddings is a usage error."""
     out = tmp_path / "run"
     hist = _run(COMMON + ["--model", "nano64", "--encoder", "full", "--augment", "--synthetic", "4",
-                          "--point-margin", "2", "--heldout", "2", "--steps", "2", "--out", str(out),
+                          "--point-margin", "2", "--sample-by", "mask", "--heldout", "2", "--steps", "2",
+                          "--out", str(out),
                           "--no-plots"])
     assert len(hist["loss"]) == 2 and np.isfinite(hist["loss"]).all()
     model, _ = sam_jax.load(out / "params.safetensors")

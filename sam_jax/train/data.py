@@ -176,6 +176,26 @@ def load_coco(json_path: str, images_dir: str, image_size: int) -> Samples:
     return prepare(images, masks, image_size, names)
 
 
+SAMPLING = ("image", "mask")
+
+
+def sample_images(rng: np.random.Generator, samples: Samples, n: int, by: str = "image") -> np.ndarray:
+    """`n` image indices (with replacement) for a batch.
+
+    by="image": every image equally often. by="mask": in proportion to its number of masks, so that
+    with `sample_masks` every mask is trained equally often in expectation, as a per-mask mean IoU
+    weighs them (uniform images under-train the masks of crowded images: with K masks per draw,
+    each mask of an image with n >= K masks is drawn K/n times as often as a lone mask)."""
+    if by not in SAMPLING:
+        raise ValueError(f"by must be one of {SAMPLING}, got {by!r}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if by == "image":
+        return rng.integers(0, len(samples), n)
+    counts = np.array([len(m) for m in samples.masks], np.float64)
+    return rng.choice(len(samples), n, p=counts / counts.sum())
+
+
 def sample_masks(rng: np.random.Generator, samples: Samples, indices: np.ndarray,
                  objects_per_image: int) -> np.ndarray:
     """For each image index, `objects_per_image` of its masks drawn without replacement when it
