@@ -1,12 +1,12 @@
 """Fine-tune SAM (sam_jax) on a folder of images + masks, a COCO json, or a synthetic dataset.
 
   # From scratch on a CPU: a 103 k-parameter 64-pixel model on the built-in synthetic data,
-  # one-round episodes from a single point (the held-out metric) drawn 2 px inside the mask;
-  # ~10 min on 2 cores. Checkpoints every 2500 steps, not 250: each orbax save holds the loop
-  # ~0.8 s even when written in the background, more than 30 steps of this model.
+  # one-round episodes from a single point (the held-out metric) drawn 2 px inside the mask,
+  # images drawn by mask count; ~10 min on 2 cores. Checkpoints every 2500 steps, not 250: each
+  # orbax save holds the loop ~0.8 s even when written in the background, 40 steps of this model.
   python examples/finetune.py --synthetic 4000 --model nano64 --encoder full --corrective-points 0 \
-      --no-point-rounds 0 --box-prob 0 --point-margin 2 --objects 3 --batch-size 4 --lr 2e-3 \
-      --warmup 100 --steps 25000 --eval-every 2500 --checkpoint-every 2500 --out out/scratch
+      --no-point-rounds 0 --box-prob 0 --point-margin 2 --sample-by mask --objects 3 --batch-size 4 \
+      --lr 2e-3 --warmup 100 --steps 27500 --eval-every 2500 --checkpoint-every 2500 --out out/scratch
 
   # Research path: cache embeddings once, train the prompt encoder + decoder for many epochs.
   python examples/finetune.py --weights sam_vit_b.safetensors --images imgs/ --masks masks/ \
