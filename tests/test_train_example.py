@@ -77,8 +77,7 @@ def test_scratch_config_trains_encoder_on_augmented_images(tmp_path):
     out = tmp_path / "run"
     hist = _run(COMMON + ["--model", "nano64", "--encoder", "full", "--augment", "--synthetic", "4",
                           "--point-margin", "2", "--sample-by", "mask", "--heldout", "2", "--steps", "2",
-                          "--out", str(out),
-                          "--no-plots"])
+                          "--out", str(out), "--no-plots"])
     assert len(hist["loss"]) == 2 and np.isfinite(hist["loss"]).all()
     model, _ = sam_jax.load(out / "params.safetensors")
     from finetune import SCRATCH_CONFIGS
