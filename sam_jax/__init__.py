@@ -1,8 +1,8 @@
 """sam_jax: Segment Anything in JAX/Flax, numerically faithful to the official PyTorch model."""
 
 from .build import build_sam, count_params, init_params, param_shapes
+from .checkpoints import load, save
 from .config import PIXEL_MEAN, PIXEL_STD, PRESETS, SamConfig, get_config
-from .io import load, save
 from .modeling import PAD_LABEL, Sam
 
 __version__ = "0.1.0"

@@ -13,7 +13,7 @@ import torch
 
 import sam_jax
 from convert import ConversionError, convert_state_dict, detect_config, export_state_dict, plan_conversion
-from reference import count_params_without_torch, official_sam
+from tests.reference import count_params_without_torch, official_sam
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,7 +33,7 @@ def assert_short_error(code, err, *needles, exit_code=1):
 
 
 def flat(params):
-    return sam_jax.io.flatten_params(params)
+    return sam_jax.checkpoints.flatten_params(params)
 
 
 def test_cli_converts_and_loads(tiny, tmp_path):

@@ -13,14 +13,12 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-import reference
 import sam_jax
 from convert.__main__ import main as convert_main
-from convert.errors import ConversionError
-from convert.hf import (PE_HF, PE_HF_TIED, config_from_hf, convert_hf_state_dict, hf_config,
-                        is_hf_layout, load_hf, official_to_hf)
-from convert.official import convert_state_dict
-from sam_jax.io import flatten_params
+from sam_jax.checkpoints import ConversionError, convert_state_dict, flatten_params
+from sam_jax.checkpoints.hf import (PE_HF, PE_HF_TIED, config_from_hf, convert_hf_state_dict, hf_config,
+                                    is_hf_layout, load_hf, official_to_hf)
+from tests import reference
 
 
 def _import_transformers():

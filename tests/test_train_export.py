@@ -9,13 +9,9 @@ import pytest
 import torch
 
 import sam_jax
-from conftest import max_rel_err
 from convert.__main__ import main as convert_main
-from convert.errors import ConversionError
-from convert.official import export_state_dict
-from convert.pytorch_export import export_pth
-from reference import official_sam, to_nchw
-from sam_jax.io import flatten_params, unflatten_params
+from sam_jax.checkpoints import ConversionError, export_pth, export_state_dict, flatten_params, unflatten_params
+from tests.reference import max_rel_err, official_sam, to_nchw
 
 # The core parity tolerances (tests/test_parity.py): low-res logits max abs error <= 1e-4 x std of
 # the reference, IoU predictions <= 1e-5 absolute.
@@ -113,7 +109,8 @@ def test_lora_must_be_merged(tiny, tmp_path):
     sd = export_pth(merged, tmp_path / "merged.pth")
     key = "image_encoder.blocks.0.attn.qkv.weight"
     a = np.asarray(flat["image_encoder/blocks_0/attn/qkv/kernel_lora_a"])
-    want = np.asarray(tiny.params["image_encoder"]["blocks_0"]["attn"]["qkv"]["kernel"]) + a @ np.full((2, 144), 0.01) * 1.0
+    kernel = np.asarray(tiny.params["image_encoder"]["blocks_0"]["attn"]["qkv"]["kernel"])
+    want = kernel + a @ np.full((2, 144), 0.01) * 1.0
     np.testing.assert_allclose(sd[key].numpy().T, want, rtol=0, atol=1e-6)
 
 

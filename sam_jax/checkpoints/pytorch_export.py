@@ -1,20 +1,24 @@
 """sam_jax params -> an official-format PyTorch checkpoint (.pth) that
 `segment_anything.sam_model_registry[model_type](checkpoint=path)` loads strictly.
 
-The inverse of the converter: `convert.official.export_state_dict` maps names and layouts; this
+The inverse of the converter: `official.export_state_dict` maps names and layouts; this
 module checks the tree against the model, adds nothing and drops nothing, and writes the tensors
 with `torch.save` (a plain {name: tensor} dict, loadable with `weights_only=True`).
 """
 
 from __future__ import annotations
 
-import errno
 import os
 from typing import Any, Dict, Mapping, Union
 
 import numpy as np
 
+from .._atomic import atomic_file
+from ..build import build_sam
 from .errors import ConversionError
+from .official import detect_config, export_state_dict, resolve_config
+from .params import check_params, flatten_params
+from .sources import load
 
 ParamsLike = Union[str, os.PathLike, Mapping[str, Any]]
 
@@ -22,8 +26,6 @@ ParamsLike = Union[str, os.PathLike, Mapping[str, Any]]
 def _load_params(src: ParamsLike):
     """A sam_jax .safetensors path or a params tree -> (SamConfig or None, params)."""
     if isinstance(src, (str, os.PathLike)):
-        from sam_jax.io import load
-
         path = os.fspath(src)
         if not path.endswith(".safetensors"):
             raise ConversionError(f"{path}: expected a sam_jax .safetensors file")
@@ -44,7 +46,7 @@ def export_pth(params_path_or_params: ParamsLike, out_path: Union[str, os.PathLi
     Args:
       params_path_or_params: a sam_jax `.safetensors` file, or a params tree (LoRA adapters must be
         merged first: `sam_jax.train.merge_lora`).
-      out_path: the `.pth` to write (written to a temporary name, then renamed).
+      out_path: the `.pth` to write (atomically: `atomic_file`).
       config: preset name or SamConfig the tree must fit; by default it is read from the file, or
         detected from the tensor shapes of a params tree.
     Raises ConversionError listing every missing, unexpected or mis-shaped tensor.
@@ -53,10 +55,6 @@ def export_pth(params_path_or_params: ParamsLike, out_path: Union[str, os.PathLi
         import torch
     except ImportError:
         raise ConversionError("writing .pth checkpoints needs PyTorch: pip install 'sam-jax[torch]'") from None
-    from sam_jax.io import check_params, flatten_params
-
-    from .official import detect_config, export_state_dict, resolve_config
-
     file_config, params = _load_params(params_path_or_params)
     leaves = flatten_params(dict(params))
     adapters = sorted(k for k in leaves if "lora" in k.rsplit("/", 1)[-1])
@@ -67,22 +65,12 @@ def export_pth(params_path_or_params: ParamsLike, out_path: Union[str, os.PathLi
     shapes = {k: tuple(np.shape(v)) for k, v in state.items()}
     cfg = file_config if config is None else config
     cfg = detect_config(shapes) if cfg is None else resolve_config(shapes, cfg)
-    from sam_jax.build import build_sam
-
     try:
         check_params(params, build_sam(cfg), "params")
     except ValueError as e:
         raise ConversionError(str(e)) from None
     tensors = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in state.items()}
-    out_path = os.fspath(out_path)
-    parent = os.path.dirname(os.path.abspath(out_path))
-    if not os.path.isdir(parent):  # torch.save would raise a RuntimeError for this
-        raise FileNotFoundError(errno.ENOENT, "no such folder", parent)
-    tmp = f"{out_path}.tmp"
-    try:
+    # atomic_file checks the folder first: torch.save would raise a RuntimeError for a missing one.
+    with atomic_file(out_path) as tmp:
         torch.save(tensors, tmp)
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return tensors

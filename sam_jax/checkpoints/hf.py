@@ -1,7 +1,7 @@
 """Hugging Face transformers `SamModel` weights <-> the official SAM state_dict.
 
 HF holds the official tensors in the official layouts (no transposes; qkv stays fused) under other
-names, so this module only renames: HF -> official, then `convert.official.convert_state_dict`
+names, so this module only renames: HF -> official, then `official.convert_state_dict`
 applies the one set of layout and strictness rules; for export, `export_state_dict` then official
 -> HF. Names are a table of module paths (below); leaves (weight, bias, rel_pos_h, ...) are kept.
 Needs safetensors and json only, never transformers.
@@ -17,12 +17,13 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from sam_jax.build import build_sam
-from sam_jax.config import SamConfig, get_config
-from sam_jax.io import check_params, write_safetensors
-
+from .._atomic import atomic_file
+from ..build import build_sam
+from ..config import SamConfig, get_config
 from .errors import ConversionError
+from .native import write_safetensors
 from .official import _to_numpy, convert_state_dict, describe, detect_config, export_state_dict
+from .params import check_params
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -412,8 +413,7 @@ def export_hf(params: Mapping[str, Any], config: SamConfig | str,
     os.makedirs(folder, exist_ok=True)
     weights, cfg_path = os.path.join(folder, WEIGHTS_FILE), os.path.join(folder, CONFIG_FILE)
     write_safetensors(weights, state, {"format": "pt"})  # "pt": what transformers expects
-    with open(f"{cfg_path}.tmp", "w") as f:
+    with atomic_file(cfg_path) as tmp, open(tmp, "w") as f:
         json.dump(hf_config(cfg), f, indent=2, sort_keys=True)
         f.write("\n")
-    os.replace(f"{cfg_path}.tmp", cfg_path)
     return state

@@ -16,11 +16,10 @@ from typing import Any, Dict, Mapping, Tuple
 
 import numpy as np
 
-from sam_jax.build import build_sam, param_shapes
-from sam_jax.config import SamConfig, get_config, preset_name
-from sam_jax.io import flatten_params, unflatten_params
-
+from ..build import build_sam, param_shapes
+from ..config import SamConfig, get_config, preset_name
 from .errors import ConversionError
+from .params import flatten_params, unflatten_params
 
 # torch Linear weight (out, in) -> Flax Dense kernel (in, out).
 LINEAR_TO_FLAX = (1, 0)

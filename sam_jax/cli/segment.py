@@ -16,23 +16,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .._atomic import atomic_file
+from ..checkpoints import load
+from ..predictor import SamPredictor
+from .common import Parser, UsageError, read_image, run_command
+
+if TYPE_CHECKING:
+    from PIL import Image
+
 PALETTE = [(30, 144, 255), (255, 140, 0), (50, 205, 50), (220, 20, 60), (148, 0, 211), (0, 206, 209)]
-
-
-class UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of printing a usage block: the CLI prints one line."""
-
-    def error(self, message: str):  # type: ignore[override]
-        raise UsageError(message)
 
 
 def _numbers(text: str, n: int, what: str) -> List[float]:
@@ -74,8 +70,8 @@ def check_prompts(points: List[Tuple[float, float, int]], boxes: List[Tuple[floa
             raise UsageError(f"--box {x0:g},{y0:g},{x1:g},{y1:g} is outside the {w}x{h} (W x H) image")
 
 
-def build_parser(prog: str) -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description="Segment an image with point and box prompts.")
+def build_parser(prog: str = "sam-jax segment") -> argparse.ArgumentParser:
+    p = Parser(prog=prog, description="Segment an image with point and box prompts.")
     p.add_argument("image", help="photo to segment (any format Pillow reads)")
     p.add_argument("--weights", required=True, help="converted weights (.safetensors) or official .pth")
     p.add_argument("--point", action="append", default=[], type=parse_point, metavar="X,Y[:LABEL]",
@@ -88,21 +84,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     return p
 
 
-def read_image(path: str) -> np.ndarray:
-    """uint8 (H, W, 3) RGB with the EXIF orientation applied."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-    except FileNotFoundError:
-        raise UsageError(f"no such image: {path}") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise UsageError(f"cannot read image {path}: {e}") from None
-
-
 def overlay(image: np.ndarray, masks: List[np.ndarray], scores: List[float],
-            points: List[Tuple[float, float, int]], boxes: List[Tuple[float, ...]]) -> "Image.Image":
+            points: List[Tuple[float, float, int]], boxes: List[Tuple[float, ...]]) -> Image.Image:
     """The photo with one mask per prompt tinted, points (green 1 / red 0) and boxes drawn, and
     the scores in the top-left corner."""
     from PIL import Image, ImageDraw
@@ -130,8 +113,6 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Segments and writes the files; returns the JSON report. Raises UsageError on bad input."""
     from PIL import Image
 
-    import sam_jax
-
     if not args.point and not args.box:
         raise UsageError("give at least one --point or --box")
     if args.point and len(args.box) > 1:
@@ -141,10 +122,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     image = read_image(args.image)
     check_prompts(args.point, args.box, image.shape[:2])
     try:
-        model, params = sam_jax.load(args.weights)
+        model, params = load(args.weights)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
-    predictor = sam_jax.SamPredictor(model, params)
+    predictor = SamPredictor(model, params)
     predictor.set_image(image)
     coords = np.array([p[:2] for p in args.point]).reshape(-1, 2) if args.point else None
     labels = np.array([p[2] for p in args.point], np.int32) if args.point else None
@@ -168,7 +149,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                                  "box": list(args.box[p]) if args.box else None, "masks": []}
         for k in range(masks.shape[1]):
             path = os.path.join(args.out, f"mask_{p}_{k}.png")
-            Image.fromarray(masks[p, k].astype(np.uint8) * 255).save(path)
+            with atomic_file(path) as tmp:
+                Image.fromarray(masks[p, k].astype(np.uint8) * 255).save(tmp, format="PNG")
             entry["masks"].append({"file": path, "score": float(scores[p, k]), "area": int(masks[p, k].sum())})
         best = int(np.argmax(scores[p]))
         entry["best"] = best
@@ -176,30 +158,24 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         best_scores.append(float(scores[p, best]))
         report["prompts"].append(entry)
     report["overlay"] = os.path.join(args.out, "overlay.png")
-    overlay(image, best_masks, best_scores, args.point, args.box).save(report["overlay"])
+    with atomic_file(report["overlay"]) as tmp:
+        overlay(image, best_masks, best_scores, args.point, args.box).save(tmp, format="PNG")
     return report
 
 
-def main(argv: Optional[Sequence[str]] = None, prog: str = "sam-jax segment") -> int:
-    try:
-        args = build_parser(prog).parse_args(argv)
-        report = run(args)
-    except UsageError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # e.g. the output folder is not writable
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
+def command(args: argparse.Namespace, prog: str) -> int:
+    """`run`, then its report printed: as text, or with --json as one JSON object."""
+    out = run(args)
     if args.json:
-        print(json.dumps(report))
-    else:
-        for i, entry in enumerate(report["prompts"]):
-            for k, m in enumerate(entry["masks"]):
-                star = " (best)" if k == entry["best"] else ""
-                print(f"prompt {i} mask {k}: score {m['score']:.4f}  area {m['area']}  {m['file']}{star}")
-        print(f"overlay: {report['overlay']}")
+        print(json.dumps(out))
+        return 0
+    for i, entry in enumerate(out["prompts"]):
+        for k, m in enumerate(entry["masks"]):
+            star = " (best)" if k == entry["best"] else ""
+            print(f"prompt {i} mask {k}: score {m['score']:.4f}  area {m['area']}  {m['file']}{star}")
+    print(f"overlay: {out['overlay']}")
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv: Optional[Sequence[str]] = None, prog: str = "sam-jax segment") -> int:
+    return run_command(argv, prog, build_parser, command)

@@ -16,42 +16,46 @@ and each process takes every process_count-th file (in sorted order). Usage erro
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
-import shutil
 import sys
-import tempfile
+import typing
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .amg.checks import check_generator_args
+from .._atomic import atomic_file, atomic_folder
+from ..amg import SamAutomaticMaskGenerator
+from ..amg.checks import check_generator_args
+from ..checkpoints import load
+from .common import ImageError, Parser, UsageError, read_image, run_command
 
 CSV_HEADER = ("id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,predicted_iou,"
               "stability_score,crop_box_x0,crop_box_y0,crop_box_w,crop_box_h")
-# Generator options as (flag, type, default) in the official order.
-OPTIONS: List[Tuple[str, type, Any]] = [
-    ("points_per_side", int, 32), ("points_per_batch", int, 64), ("pred_iou_thresh", float, 0.88),
-    ("stability_score_thresh", float, 0.95), ("stability_score_offset", float, 1.0),
-    ("box_nms_thresh", float, 0.7), ("crop_n_layers", int, 0), ("crop_nms_thresh", float, 0.7),
-    ("crop_overlap_ratio", float, 512 / 1500), ("crop_n_points_downscale_factor", int, 1),
-    ("min_mask_region_area", int, 0),
-]
 
 
-class UsageError(Exception):
-    pass
+def generator_options() -> List[Tuple[str, type, Any]]:
+    """The generator's numeric arguments as (name, int or float, default), in its order (the
+    official one): every argument annotated int or float (or Optional of one) with a default
+    other than None. Read from its signature, so the flags follow the generator."""
+    sig = inspect.signature(SamAutomaticMaskGenerator.__init__, eval_str=True)
+    out = []
+    for name, p in sig.parameters.items():
+        union = typing.get_origin(p.annotation) is typing.Union
+        kinds = typing.get_args(p.annotation) if union else (p.annotation,)
+        numeric = [k for k in kinds if k in (int, float)]
+        if (len(numeric) == 1 and all(k in (int, float, type(None)) for k in kinds)
+                and p.default is not inspect.Parameter.empty and p.default is not None):
+            out.append((name, numeric[0], p.default))
+    return out
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of printing a usage block: the CLI prints one line."""
-
-    def error(self, message: str):  # type: ignore[override]
-        raise UsageError(message)
+OPTIONS = generator_options()
 
 
-def build_parser(prog: str) -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description="Automatic mask generation for an image or a folder of images.")
+def build_parser(prog: str = "sam-jax amg") -> argparse.ArgumentParser:
+    p = Parser(prog=prog, description="Automatic mask generation for an image or a folder of images.")
     p.add_argument("input", help="an image, or a folder (every file directly inside it)")
     p.add_argument("--weights", required=True, help="converted weights (.safetensors) or official .pth")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
@@ -94,37 +98,17 @@ def output_names(files: Sequence[str]) -> Dict[str, str]:
                 else os.path.basename(f)) for f in files}
 
 
-def read_image(path: str) -> np.ndarray:
-    """uint8 (H, W, 3) RGB with the EXIF orientation applied; raises OSError/ValueError if unreadable."""
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as im:
-        im.load()
-        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+def write_json(records: List[Dict[str, Any]], path: str) -> None:
+    """The records as one JSON list (coco_rle), as the official scripts/amg.py writes them."""
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
+        json.dump(records, f)
 
 
-def _atomic_json(obj: Any, path: str) -> None:
-    d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_folder(records: List[Dict[str, Any]], path: str) -> None:
-    """PNG masks + metadata.csv as the official write_masks_to_folder, built in a temporary
-    folder renamed into place (an existing one is replaced only after the new one is complete)."""
+def write_folder(records: List[Dict[str, Any]], path: str) -> None:
+    """PNG masks + metadata.csv as the official write_masks_to_folder (binary_mask)."""
     from PIL import Image
 
-    parent = os.path.dirname(path) or "."
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    try:
+    with atomic_folder(path) as tmp:
         rows = [CSV_HEADER]
         for i, r in enumerate(records):
             Image.fromarray(r["segmentation"].astype(np.uint8) * 255).save(os.path.join(tmp, f"{i}.png"))
@@ -133,23 +117,6 @@ def _atomic_folder(records: List[Dict[str, Any]], path: str) -> None:
             rows.append(",".join(str(x) for x in fields))
         with open(os.path.join(tmp, "metadata.csv"), "w") as f:
             f.write("\n".join(rows))
-        os.chmod(tmp, 0o777 & ~_umask())
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=".old-", dir=parent)
-            os.replace(path, os.path.join(old, "x"))
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _progress(total: int, disable: bool):
@@ -188,11 +155,8 @@ def run(args: argparse.Namespace, prog: str) -> int:
         except (ValueError, RuntimeError) as e:
             raise UsageError(f"--distributed: {e}") from None
         files = files[jax.process_index()::jax.process_count()]
-    import sam_jax
-    from sam_jax.amg import SamAutomaticMaskGenerator
-
     try:
-        model, params = sam_jax.load(args.weights)
+        model, params = load(args.weights)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
     os.makedirs(args.out, exist_ok=True)
@@ -213,18 +177,15 @@ def run(args: argparse.Namespace, prog: str) -> int:
             try:
                 images.append(read_image(f))
                 batch.append(f)
-            except Exception as e:  # noqa: BLE001 - any decoder error means "not an image we can read"
-                failed.append((f, f"{type(e).__name__}: {e}"))
-                _note(bar, f"{prog}: skipped {f}: cannot read it as an image ({type(e).__name__}: {e})")
+            except ImageError as e:
+                failed.append((f, str(e)))
+                _note(bar, f"{prog}: skipped: {e}")
                 _advance(bar)
         if not images:
             continue
         for f, records in _generate(gen, batch, images, failed, bar, prog):
             target = os.path.join(args.out, names[f] + suffix)
-            if args.output_mode == "coco_rle":
-                _atomic_json(records, target)
-            else:
-                _atomic_folder(records, target)
+            (write_json if args.output_mode == "coco_rle" else write_folder)(records, target)
             written += 1
             _advance(bar, f, len(records))
     if bar is not None:
@@ -271,16 +232,4 @@ def _advance(bar, path: Optional[str] = None, n_masks: int = 0) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "sam-jax amg") -> int:
-    try:
-        args = build_parser(prog).parse_args(argv)
-        return run(args, prog)
-    except UsageError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # e.g. the output folder is not writable
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return run_command(argv, prog, build_parser, run)
