@@ -2,25 +2,75 @@
 
 Prompts are (x, y) pixels of the ORIGINAL image; outputs are numpy arrays at the original size,
 as from the official `segment_anything.SamPredictor`. What compiles when is described in
-`sam_jax.functional` (fixed shapes: new image sizes and point counts do not recompile).
+`sam_jax.functional` (fixed shapes: new image sizes and point counts do not recompile); how
+they are compiled for the backend, in `sam_jax.backend`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
 
-from . import inputs
+from . import backend, inputs
 from .build import Params
-from .functional import (MAX_PROMPTS_PER_CALL, Tables, _decode, _dense_pe, _encode_split, _image_context,
-                         _pad_rows, _upscale, decoder_params, point_bucket, prepare_images, prompt_bucket,
-                         size_bucket)
+from .functional import (MAX_PROMPTS_PER_CALL, decode_prompts, dense_pe, encode_images, image_context,
+                         point_bucket, prepare_images, prompt_bucket, size_bucket)
 from .modeling import PAD_LABEL, Sam
-from .transforms import ResizeLongestSide, mask_upscale_taps, upscale_width_window
+from .transforms import (ResizeLongestSide, mask_upscale_taps, preprocess_padded, upscale_masks,
+                         upscale_width_window)
 
 Outputs = Tuple[np.ndarray, np.ndarray, np.ndarray]
+# ((row_start, row_w), (col_start, col_w)): `transforms.upscale_masks`' interpolation tables.
+Tables = Tuple[Tuple[jax.Array, jax.Array], Tuple[jax.Array, jax.Array]]
+MASK_THRESHOLD = 0.0
+
+# --- The pure entry points as the predictor compiles them (see `functional` for what compiles when). ---
+
+_decode = backend.jit_tuned(decode_prompts, static_argnames=("model", "multimask_output"))
+_dense_pe = jax.jit(dense_pe, static_argnames=("model",))
+_image_context = jax.jit(image_context, static_argnames=("model",))
+_encode_images = jax.jit(encode_images, static_argnames=("model",))
+_preprocess = jax.jit(preprocess_padded)
+
+
+@partial(backend.jit_tuned, static_argnames=("return_logits", "width_window"))
+def _upscale(low_res: jax.Array, rows, cols, return_logits: bool, width_window: int = 0) -> jax.Array:
+    logits = upscale_masks(low_res, rows, cols, width_window)
+    return logits if return_logits else logits > MASK_THRESHOLD
+
+
+def _encode(model: Sam, params: Params, images: np.ndarray, sizes: np.ndarray) -> Tuple[jax.Array, ...]:
+    """`encode_images`, run as `backend` says this backend runs it fastest (on XLA:CPU the chain
+    of `backend.encode_staged`, elsewhere one jit) -> one (1, h, w, C) embedding per image: the
+    decoder then sees one shape whatever the batch was."""
+    if backend.staging_pays():
+        emb = backend.encode_staged(model, params, _preprocess(images, sizes))
+    else:
+        emb = _encode_images(model, params, images, sizes)
+    return (emb,) if emb.shape[0] == 1 else tuple(emb[i:i + 1] for i in range(emb.shape[0]))
+
+
+def _pad_rows(x: np.ndarray, n: int, fill: float = 0.0) -> np.ndarray:
+    """Pads axis 0 of x to n rows with `fill`."""
+    if x.shape[0] == n:
+        return x
+    return np.concatenate([x, np.full((n - x.shape[0], *x.shape[1:]), fill, x.dtype)])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Image:
+    """What `set_images` keeps of one image."""
+
+    embedding: jax.Array  # (1, h, w, C) NHWC
+    context: Dict[str, jax.Array]  # `functional.image_context` of the embedding
+    original_size: Tuple[int, int]  # (H, W) as given
+    input_size: Tuple[int, int]  # (h, w) resized into the model frame
+    tables: Tables  # low-res logits -> the bucket-padded original size
+    width_window: int  # `transforms.upscale_width_window` of the column table
 
 
 class SamPredictor:
@@ -45,20 +95,21 @@ class SamPredictor:
         self.image_size = model.config.image_size
         self.low_res_size = model.config.mask_input_size
         self.transform = ResizeLongestSide(self.image_size)
+        missing = [k for k in ("image_encoder", "prompt_encoder", "mask_decoder") if k not in params]
+        if missing:
+            raise ValueError(f"params has no {' or '.join(missing)} subtree: expected a full SAM parameter tree")
         self._image_pe = _dense_pe(model, params)
-        self._decoder_params = decoder_params(params)
+        # Decoding reads only these: passing them alone halves a jitted decode's cost of flattening
+        # the parameter tree. (Decoding and upscaling stay two jitted calls: a new image-size
+        # bucket then recompiles only the cheap upscaling.)
+        self._decoder_params = {k: params[k] for k in ("prompt_encoder", "mask_decoder")}
         self.reset_image()
 
     # --- images ---
 
     def reset_image(self) -> None:
         """Forgets the current image(s)."""
-        self._embeddings: Tuple[jax.Array, ...] = ()
-        self._contexts: List[Dict[str, jax.Array]] = []
-        self._original_sizes: List[Tuple[int, int]] = []
-        self._input_sizes: List[Tuple[int, int]] = []
-        self._tables: List[Tables] = []
-        self._width_windows: List[int] = []
+        self._images: Tuple[_Image, ...] = ()
 
     def set_image(self, image: Any, image_format: str = "RGB") -> None:
         """Encodes one image: HWC uint8 (0..255) or float (0..1), RGB or BGR; grayscale is
@@ -78,45 +129,46 @@ class SamPredictor:
         padded, sizes, originals = prepare_images(images, self.image_size, image_format)
         self.reset_image()
         # Synchronous like the official set_image: errors surface here and timings mean something.
-        self._embeddings = jax.block_until_ready(_encode_split(self.model, self.params, padded, sizes))
-        # The decoder's prompt-independent work on each image, done once here rather than per
-        # predict (used for prompts without mask_input; see functional.image_context).
-        self._contexts = [_image_context(self.model, self._decoder_params, e, self._image_pe)
-                          for e in self._embeddings]
-        for (h, w), (oh, ow) in zip(sizes.tolist(), originals):
-            self._original_sizes.append((oh, ow))
-            self._input_sizes.append((h, w))
+        embeddings = jax.block_until_ready(_encode(self.model, self.params, padded, sizes))
+        records = []
+        for emb, (h, w), (oh, ow) in zip(embeddings, sizes.tolist(), originals):
             args = (self.low_res_size, self.image_size)
             cols = mask_upscale_taps(*args, w, ow, size_bucket(ow))
-            self._tables.append((jax.device_put(mask_upscale_taps(*args, h, oh, size_bucket(oh))),
-                                 jax.device_put(cols)))
-            self._width_windows.append(upscale_width_window(*cols, self.low_res_size))
+            records.append(_Image(
+                embedding=emb,
+                # The decoder's prompt-independent work, done once here rather than per predict
+                # (used for prompts without mask_input; see functional.image_context).
+                context=_image_context(self.model, self._decoder_params, emb, self._image_pe),
+                original_size=(oh, ow), input_size=(h, w),
+                tables=(jax.device_put(mask_upscale_taps(*args, h, oh, size_bucket(oh))), jax.device_put(cols)),
+                width_window=upscale_width_window(*cols, self.low_res_size)))
+        self._images = tuple(records)
 
     @property
     def is_image_set(self) -> bool:
-        return bool(self._embeddings)
+        return bool(self._images)
 
     @property
     def num_images(self) -> int:
-        return len(self._embeddings)
+        return len(self._images)
 
     @property
     def original_size(self) -> Optional[Tuple[int, int]]:
         """(H, W) of image 0 as given, or None."""
-        return self._original_sizes[0] if self._original_sizes else None
+        return self._images[0].original_size if self._images else None
 
     @property
     def input_size(self) -> Optional[Tuple[int, int]]:
         """(h, w) of image 0 after resizing its longest side to the model input size, or None."""
-        return self._input_sizes[0] if self._input_sizes else None
+        return self._images[0].input_size if self._images else None
 
     @property
     def original_sizes(self) -> List[Tuple[int, int]]:
-        return list(self._original_sizes)
+        return [r.original_size for r in self._images]
 
     @property
     def input_sizes(self) -> List[Tuple[int, int]]:
-        return list(self._input_sizes)
+        return [r.input_size for r in self._images]
 
     @property
     def features(self) -> Optional[np.ndarray]:
@@ -126,13 +178,13 @@ class SamPredictor:
     @property
     def image_embeddings(self) -> Tuple[jax.Array, ...]:
         """One (1, h, w, C) NHWC device array per image, for `decode_prompts`."""
-        return self._embeddings
+        return tuple(r.embedding for r in self._images)
 
     @property
     def image_contexts(self) -> Tuple[Dict[str, jax.Array], ...]:
         """One `functional.image_context` per image (the decoder's prompt-independent work), for
         `decode_prompts(..., image_context=predictor.image_contexts[i])` without a mask_input."""
-        return tuple(self._contexts)
+        return tuple(r.context for r in self._images)
 
     def _index(self, image_index: Any) -> int:
         if not self.is_image_set:
@@ -146,12 +198,12 @@ class SamPredictor:
     def get_image_embedding(self, image_index: int = 0) -> np.ndarray:
         """The embedding of an image as numpy (1, C, h, w) NCHW, the official layout."""
         i = self._index(image_index)
-        return np.asarray(self._embeddings[i]).transpose(0, 3, 1, 2)
+        return np.asarray(self._images[i].embedding).transpose(0, 3, 1, 2)
 
     def upscale_tables(self, image_index: int = 0) -> Tables:
         """Device arrays ((row_start, row_w), (col_start, col_w)) for `transforms.upscale_masks`,
         which maps an image's low-res logits to its bucket-padded original size."""
-        return self._tables[self._index(image_index)]
+        return self._images[self._index(image_index)].tables
 
     # --- prompts ---
 
@@ -174,7 +226,7 @@ class SamPredictor:
           low_res_logits (C, 256, 256) float32.
         """
         i = self._index(image_index)
-        size = self._original_sizes[i]
+        size = self._images[i].original_size
         points = None
         if point_coords is not None or point_labels is not None:
             xy, lab = inputs.check_points(point_coords, point_labels, size)
@@ -210,7 +262,7 @@ class SamPredictor:
           low_res_logits (B, C, 256, 256).
         """
         i = self._index(image_index)
-        size = self._original_sizes[i]
+        size = self._images[i].original_size
         counts = {}
         points = None
         if point_coords is not None or point_labels is not None:
@@ -238,7 +290,8 @@ class SamPredictor:
              return_logits: bool) -> Outputs:
         """Prompts already in the model-input frame -> numpy outputs at the original size."""
         b = next((len(x) for x in (points, boxes, masks) if x is not None), 1)
-        h, w = self._original_sizes[i]
+        image = self._images[i]
+        h, w = image.original_size
         m = self.model.config.num_multimask_outputs if multimask else 1
         s = self.low_res_size
         out_masks = np.empty((b, m, h, w), np.float32 if return_logits else bool)
@@ -261,11 +314,11 @@ class SamPredictor:
                 chunk_masks = _pad_rows(masks[start:stop], n)
             if points is None and boxes is None and masks is None:
                 n = 1  # no prompt at all: the decoder's own batch of one, as officially
-            low, iou = _decode(self.model, self._decoder_params, self._embeddings[i], coords, labels,
+            low, iou = _decode(self.model, self._decoder_params, image.embedding, coords, labels,
                                chunk_boxes, chunk_masks, multimask_output=multimask, image_pe=self._image_pe,
-                               image_context=self._contexts[i] if chunk_masks is None else None)
-            rows, cols = self._tables[i]
-            full = _upscale(low, rows, cols, return_logits=return_logits, width_window=self._width_windows[i])
+                               image_context=image.context if chunk_masks is None else None)
+            rows, cols = image.tables
+            full = _upscale(low, rows, cols, return_logits=return_logits, width_window=image.width_window)
             k = stop - start
             out_masks[start:stop] = np.asarray(full)[:k, :, :h, :w]
             out_iou[start:stop] = np.asarray(iou)[:k]

@@ -3,21 +3,21 @@ on the tiny model (cheap: every claim here is about shapes and padding, not mode
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import skimage.data
 
-from conftest import COMPILE_EVENTS, count_compilations
 import sam_jax
-from sam_jax import PAD_LABEL, SamPredictor, decode_prompts
+from sam_jax import PAD_LABEL, SamPredictor, backend, decode_prompts
 from sam_jax import functional as F
 from sam_jax.transforms import upscale_masks
+from tests.compilations import COMPILE_EVENTS, count_compilations
 
 PHOTO = np.ascontiguousarray(skimage.data.coffee()[::2, ::2])  # 200 x 300
 H, W = PHOTO.shape[:2]
+
 
 @pytest.fixture(scope="module")
 def pred(tiny) -> SamPredictor:
@@ -72,8 +72,8 @@ def test_ragged_points_boxes_and_masks_equal_single_calls(pred):
     prev = pred.predict_batch(coords, labels)[2]  # low-res logits as the next mask prompts
     masks = prev[:, :1]
     got = pred.predict_batch(coords, labels, boxes, masks, return_logits=True)
-    want = [np.stack(x) for x in zip(*(pred.predict(c, l, b, m, return_logits=True)
-                                        for c, l, b, m in zip(coords, labels, boxes, masks)))]
+    want = [np.stack(x) for x in zip(*(pred.predict(c, lab, b, m, return_logits=True)
+                                        for c, lab, b, m in zip(coords, labels, boxes, masks)))]
     assert_close(got, want, want[0])
 
 
@@ -158,12 +158,21 @@ def test_new_size_bucket_compiles_only_the_upscaling(tiny):
     p = SamPredictor(tiny.model, tiny.params)
     p.set_image(PHOTO)
     p.predict([[10, 10]], [1])
-    decoder_cache = F._decode._cache_size()
     big = np.ascontiguousarray(np.tile(PHOTO, (3, 1, 1)))  # 600 x 300: a new height bucket
-    with count_compilations() as events:
-        p.set_image(big)
-        p.predict([[10, 10]], [1])
-    assert F._decode._cache_size() == decoder_cache
+    compiled = []  # the name of each function XLA compiles (jax reports it with the event)
+
+    def listener(name, duration, fun_name="", **kwargs):
+        if name == COMPILE_EVENTS[0]:
+            compiled.append(fun_name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        with count_compilations() as events:
+            p.set_image(big)
+            p.predict([[10, 10]], [1])
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert not any("decode_prompts" in name for name in compiled), compiled  # the decoder is reused
     assert events.count(COMPILE_EVENTS[0]) <= 1  # at most the upscaling, once
 
 
@@ -185,67 +194,90 @@ def test_buckets():
     assert len(set(buckets)) <= 12  # few compilations across all sizes up to 5000
 
 
-def test_decoder_compiles_with_its_xla_options(pred):
+def test_decoder_compiles_with_its_xla_options(pred, tiny):
     # The predictor's decoder and upscaling jits carry CPU_XLA_OPTIONS when this XLA knows
     # them: no YNNPACK library fusion is left in the decoder's compiled program.
-    opts = F.cpu_compiler_options()
+    from sam_jax.predictor import _decode  # the predictor's own jitted decoder
+
+    opts = backend.cpu_compiler_options()
     if opts is None:
         pytest.skip("this XLA does not know the decoder's options (it then uses its defaults)")
-    assert opts == F.CPU_XLA_OPTIONS
+    assert opts == backend.CPU_XLA_OPTIONS
     xy = np.array([[[20.0, 30.0]]], np.float32)
-    args = (pred.model, pred._decoder_params, pred.image_embeddings[0], xy, np.ones((1, 1), np.int32), None, None)
-    kw = dict(multimask_output=True, image_pe=pred._image_pe)
+    args = (pred.model, tiny.params, pred.image_embeddings[0], xy, np.ones((1, 1), np.int32), None, None)
+    kw = dict(multimask_output=True, image_pe=F.dense_pe(tiny.model, tiny.params))
     default = jax.jit(F.decode_prompts, static_argnames=("model", "multimask_output"))
     if "__ynn_fusion" not in default.lower(*args, **kw).compile().as_text():
         pytest.skip("this XLA makes no YNNPACK fusions by default: the options have nothing to turn off")
-    assert "__ynn_fusion" not in F._decode.lower(*args, **kw).compile().as_text()
+    assert "__ynn_fusion" not in _decode.lower(*args, **kw).compile().as_text()
     # The same logits as under XLA's defaults, up to float rounding.
-    got, want = F._decode(*args, **kw)[0], default(*args, **kw)[0]
+    got, want = _decode(*args, **kw)[0], default(*args, **kw)[0]
     assert float(jnp.max(jnp.abs(got - want))) <= 1e-5 * float(jnp.std(want))  # fusion order: rounding only
 
 
 def test_unknown_xla_options_fall_back_to_defaults(monkeypatch):
     # An XLA without the option (older or newer jaxlib) must not break decoding: no options then.
-    monkeypatch.setattr(F, "CPU_XLA_OPTIONS", {"xla_sam_jax_no_such_option": ""})
-    F.cpu_compiler_options.cache_clear()
+    monkeypatch.setattr(backend, "CPU_XLA_OPTIONS", {"xla_sam_jax_no_such_option": ""})
+    backend.cpu_compiler_options.cache_clear()
     try:
-        assert F.cpu_compiler_options() is None
-        jitted = F._TunedJit(lambda x: x * 2)
+        assert backend.cpu_compiler_options() is None
+        assert not backend.staging_pays()
+        jitted = backend.jit_tuned(lambda x: x * 2)
         assert float(jitted(jnp.float32(3.0))) == 6.0
     finally:
-        F.cpu_compiler_options.cache_clear()
+        backend.cpu_compiler_options.cache_clear()
+
+
+def test_options_check_raises_other_xla_errors(monkeypatch):
+    # Only "no such option" means "this XLA lacks it"; any other compile error is a real one.
+    if backend.cpu_compiler_options() is None:
+        pytest.skip("this XLA does not know the option: no bad value of it to give")
+    monkeypatch.setattr(backend, "CPU_XLA_OPTIONS", {"xla_cpu_experimental_ynn_fusion_type": "no-such-fusion"})
+    backend.cpu_compiler_options.cache_clear()
+    try:
+        with pytest.raises(jax.errors.JaxRuntimeError) as info:
+            backend.cpu_compiler_options()
+        assert "No such compile option" not in str(info.value)
+    finally:
+        backend.cpu_compiler_options.cache_clear()
 
 
 def test_encoder_stages():
     # vit_b: each global block's attention half alone, the rest grouped between them.
-    stages = F.encoder_stages(sam_jax.build_sam("vit_b"))
+    stages = backend.encoder_stages(sam_jax.get_config("vit_b"))
     assert stages == ((0, 4, False), (4, 5, True), (5, 10, False), (10, 11, True), (11, 16, False),
                       (16, 17, True), (17, 22, False), (22, 23, True), (23, 24, False))
     for name in ("tiny", "vit_l", "vit_h"):
         cfg = sam_jax.get_config(name)
-        stages = F.encoder_stages(sam_jax.build_sam(cfg))
+        stages = backend.encoder_stages(cfg)
         assert stages[0][0] == 0 and stages[-1][1] == 2 * cfg.encoder_depth
         assert all(a[1] == b[0] for a, b in zip(stages, stages[1:]))  # contiguous, in order
         assert [s[0] // 2 for s in stages if s[2]] == sorted(cfg.encoder_global_attn_indexes)
+
+
+def _encode_one_jit(model, params, x):
+    return jax.jit(lambda p, x: model.apply({"params": p}, x, method=sam_jax.Sam.encode_image))(params, x)
 
 
 def test_staged_encoder_equals_one_jit(tiny):
     rng = np.random.default_rng(0)
     s = tiny.model.config.image_size
     x = jnp.asarray(rng.normal(size=(2, s, s, 3)), jnp.float32)
-    want = F._encode_whole(tiny.model, tiny.params, x)
-    got = F.encode_staged(tiny.model, tiny.params, x)
+    want = _encode_one_jit(tiny.model, tiny.params, x)
+    got = backend.encode_staged(tiny.model, tiny.params, x)
     assert got.shape == want.shape == (2, 10, 10, 48) and got.dtype == jnp.float32
     # Different executables (and fusion options) per stage: float rounding only.
     assert float(jnp.max(jnp.abs(got - want))) <= 1e-5 * float(jnp.std(want))
-    if F.cpu_compiler_options() is not None and jax.default_backend() == "cpu":
+    if backend.staging_pays():
         # The windowed stages carry the options: no YNNPACK fusion left where XLA makes them.
-        stage = F.encoder_stages(tiny.model)[0]
-        args = (tiny.model, F._stage_params(tiny.params, stage[0], stage[1], 3), x)
-        kw = dict(start=stage[0], stop=stage[1])
-        default = jax.jit(F._encoder_stage, static_argnames=("model", "start", "stop"))
+        from sam_jax.backend import _encoder_stage, _stage_tuned  # the stage encode_staged runs
+
+        start, stop, xla_defaults = backend.encoder_stages(tiny.model.config)[0]
+        assert not xla_defaults
+        args, kw = (tiny.model, tiny.params, x), dict(start=start, stop=stop)
+        default = jax.jit(_encoder_stage, static_argnames=("model", "start", "stop"))
         if "__ynn_fusion" in default.lower(*args, **kw).compile().as_text():
-            assert "__ynn_fusion" not in F._encode_stage_no_ynn.lower(*args, **kw).compile().as_text()
+            assert "__ynn_fusion" not in _stage_tuned.lower(*args, **kw).compile().as_text()
 
 
 def test_encoder_layers_are_checked(tiny):
@@ -260,13 +292,15 @@ def test_encoder_layers_are_checked(tiny):
         m.apply(p, tokens, 0, 2, method="encode_image_layers")
 
 
-def test_staged_encoder_without_the_options_is_one_jit(tiny, monkeypatch):
-    # Where the options are unknown (or off the CPU) the encoder is the one-jit encoder.
-    monkeypatch.setattr(F, "CPU_XLA_OPTIONS", {"xla_sam_jax_no_such_option": ""})
-    F.cpu_compiler_options.cache_clear()
+def test_predictor_encodes_with_one_jit_without_the_options(tiny, monkeypatch):
+    # Where the options are unknown (or off the CPU) the predictor runs `encode_images` as one jit.
+    monkeypatch.setattr(backend, "CPU_XLA_OPTIONS", {"xla_sam_jax_no_such_option": ""})
+    backend.cpu_compiler_options.cache_clear()
     try:
-        x = jnp.asarray(np.random.default_rng(1).normal(size=(1, 160, 160, 3)), jnp.float32)
-        got = F.encode_staged(tiny.model, tiny.params, x)
-        assert np.array_equal(np.asarray(got), np.asarray(F._encode_whole(tiny.model, tiny.params, x)))
+        p = SamPredictor(tiny.model, tiny.params)
+        p.set_image(PHOTO)
+        padded, sizes, _ = F.prepare_images([PHOTO], tiny.model.config.image_size)
+        want = jax.jit(F.encode_images, static_argnames=("model",))(tiny.model, tiny.params, padded, sizes)
+        assert np.array_equal(np.asarray(p.image_embeddings[0]), np.asarray(want))
     finally:
-        F.cpu_compiler_options.cache_clear()
+        backend.cpu_compiler_options.cache_clear()

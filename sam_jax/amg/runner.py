@@ -173,7 +173,7 @@ class Runner:
         m = 3 * b
         chunk = max(1, min(m, CHUNK_PIXELS // (hp * wp)))
         dchunk = min(b, DECODE_CHUNK)
-        # The decoder's small dots run better on XLA's own fusions (see functional.CPU_XLA_OPTIONS).
+        # The decoder's small dots run better on XLA's own fusions (see backend.CPU_XLA_OPTIONS).
         decode = pl.sharded(("decode", model, dchunk), partial(pl.decode_job, model, chunk=dchunk), mesh, 2,
                             tuned=True)
         filt = pl.sharded(("filter", chunk), partial(pl.filter_job, chunk=chunk), mesh, 1, tuned=True)

@@ -6,12 +6,13 @@ Output: image embeddings in NHWC, (B, S/16, S/16, prompt_embed_dim).
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .. import backend
 from .common import SAM_LN_EPS, Dtype, MLPBlock, gelu, layer_norm
 
 
@@ -60,37 +61,15 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: jax.Array) -> jax.Array:
     return rel_pos[idx]
 
 
-# Score-matrix bytes one step of the chunked attention materialises (per head, a few grid rows of
-# queries against every key). 4 MiB keeps a step's scores in cache on CPUs; the full global
-# attention of ViT-B would write 12 x 4096 x 4096 floats (805 MB) per block.
-CHUNK_BYTES = 4 << 20
-
-
 # How the encoder's attention is computed. "chunked": the scores as einsums with the relative
 # positions added, softmax, then the values; on CPU the global blocks process a few grid rows of
-# queries at a time (`auto_chunk_rows`), which XLA:CPU runs fastest. "dot_product_attention":
-# `jax.nn.dot_product_attention` with the relative positions as a dense bias, which on a CUDA GPU
-# runs cuDNN's fused attention for bf16 / fp16 compute (see `fused_attention_backend`; the bias
-# holds heads x N x N values per image: 16 x 4096 x 4096, 0.5 GB in bf16, for a vit_h global
-# block). Both give the same embeddings up to float rounding (tests/test_parity.py).
+# queries at a time (`backend.attention_chunk_rows`), which XLA:CPU runs fastest.
+# "dot_product_attention": `jax.nn.dot_product_attention` with the relative positions as a dense
+# bias, which on a CUDA GPU runs cuDNN's fused attention for bf16 / fp16 compute (see
+# `backend.fused_attention_kernel`; the bias holds heads x N x N values per image: 16 x 4096 x
+# 4096, 0.5 GB in bf16, for a vit_h global block). Both give the same embeddings up to float
+# rounding (tests/test_parity.py).
 ATTENTION_IMPLS = ("chunked", "dot_product_attention")
-
-
-def fused_attention_backend(dtype: Any, head_dim: int) -> Optional[str]:
-    """The `implementation` to ask `jax.nn.dot_product_attention` for: "cudnn" where cuDNN's fused
-    attention takes the inputs (a CUDA device, bf16 / fp16, head dim a multiple of 8 up to 128),
-    else None (JAX's choice). Left to choose with a bias, JAX ran XLA's attention on an H100
-    (jax 0.11.2): the vit_h encoder at batch 8 in bf16 took 187.9 ms that way, 136.5 ms on cuDNN."""
-    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        return None
-    if head_dim % 8 or head_dim > 128:
-        return None
-    try:
-        device = jax.devices()[0]
-        cuda = device.platform == "gpu" and "cuda" in str(device.client.platform_version).lower()
-    except (RuntimeError, AttributeError):
-        return None
-    return "cudnn" if cuda else None
 
 
 def check_attention_impl(impl: str) -> None:
@@ -124,24 +103,18 @@ def rel_pos_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: jax.Array
 
     def per_head(args):
         qh, kh, vh, rhh, rwh = args
-        rows = lambda x: x.reshape(c, chunk_rows, *x.shape[1:])
+
+        def rows(x):
+            return x.reshape(c, chunk_rows, *x.shape[1:])
+
         out = jax.lax.map(lambda a: block(a[0], kh, vh, a[1], a[2]), (rows(qh), rows(rhh), rows(rwh)))
         return out.reshape(h * w, hd)
 
-    heads = lambda x: x.reshape(b * n, *x.shape[2:])
+    def heads(x):
+        return x.reshape(b * n, *x.shape[2:])
+
     out = jax.lax.map(per_head, (heads(q), heads(k), heads(v), heads(rel_h), heads(rel_w)))
     return out.reshape(b, n, h * w, hd)
-
-
-def auto_chunk_rows(h: int, w: int) -> Optional[int]:
-    """Rows per step so that a step's scores stay near CHUNK_BYTES, or None (no chunking) on
-    accelerators and for small grids."""
-    if jax.default_backend() != "cpu":
-        return None
-    target = max(1, CHUNK_BYTES // (4 * w * h * w))
-    if target >= h:
-        return None
-    return max(r for r in range(1, target + 1) if h % r == 0)
 
 
 class Attention(nn.Module):
@@ -193,13 +166,16 @@ class Attention(nn.Module):
             # The decomposed relative positions as a dense (B, nH, N, N) bias: cuDNN's fused
             # attention on GPUs (bf16 / fp16), XLA's elsewhere.
             bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, n, h * w, h * w)
-            bthd = lambda t: t.transpose(0, 2, 1, 3)  # (B, nH, N, hd) -> (B, N, nH, hd)
+
+            def bthd(t):  # (B, nH, N, hd) -> (B, N, nH, hd)
+                return t.transpose(0, 2, 1, 3)
+
             out = jax.nn.dot_product_attention(bthd(q.reshape(b, n, h * w, hd)), bthd(k), bthd(v),
                                                bias=bias.astype(q.dtype), scale=hd ** -0.5,
-                                               implementation=fused_attention_backend(q.dtype, hd))
+                                               implementation=backend.fused_attention_kernel(q.dtype, hd))
             out = out.reshape(b, h, w, dim)
         else:
-            out = rel_pos_attention(q * (hd ** -0.5), k, v, rel_h, rel_w, auto_chunk_rows(h, w))
+            out = rel_pos_attention(q * (hd ** -0.5), k, v, rel_h, rel_w, backend.attention_chunk_rows(h, w))
             out = out.transpose(0, 2, 1, 3).reshape(b, h, w, dim)
         if self.window_size > 0:
             out = window_unpartition(out, self.window_size, padded, (gh, gw))
