@@ -19,7 +19,7 @@ from . import backend, inputs
 from .build import Params
 from .functional import (MAX_PROMPTS_PER_CALL, decode_prompts, dense_pe, encode_images, image_context,
                          point_bucket, prepare_images, prompt_bucket, size_bucket)
-from .modeling import PAD_LABEL, Sam
+from .modeling import PAD_LABEL, Sam, decoder_params
 from .transforms import (ResizeLongestSide, mask_upscale_taps, preprocess_padded, upscale_masks,
                          upscale_width_window)
 
@@ -95,14 +95,13 @@ class SamPredictor:
         self.image_size = model.config.image_size
         self.low_res_size = model.config.mask_input_size
         self.transform = ResizeLongestSide(self.image_size)
-        missing = [k for k in ("image_encoder", "prompt_encoder", "mask_decoder") if k not in params]
-        if missing:
-            raise ValueError(f"params has no {' or '.join(missing)} subtree: expected a full SAM parameter tree")
+        if "image_encoder" not in params:
+            raise ValueError("params has no image_encoder subtree: expected a full SAM parameter tree")
+        # Decoding reads only these (ValueError naming a missing part): passing them alone halves
+        # a jitted decode's cost of flattening the parameter tree. (Decoding and upscaling stay two
+        # jitted calls: a new image-size bucket then recompiles only the cheap upscaling.)
+        self._decoder_params = decoder_params(params)
         self._image_pe = _dense_pe(model, params)
-        # Decoding reads only these: passing them alone halves a jitted decode's cost of flattening
-        # the parameter tree. (Decoding and upscaling stay two jitted calls: a new image-size
-        # bucket then recompiles only the cheap upscaling.)
-        self._decoder_params = {k: params[k] for k in ("prompt_encoder", "mask_decoder")}
         self.reset_image()
 
     # --- images ---

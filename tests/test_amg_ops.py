@@ -1,5 +1,5 @@
 """The building blocks of the automatic mask generator against the official `utils.amg` (and
-torchvision's NMS semantics, through the stand-in), and the AMG decoder against `Sam.decode`."""
+torchvision's NMS semantics, through the stand-in), and the AMG decoding against `Sam.decode`."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import torch
 from segment_anything.utils import amg as official  # the stand-in torchvision is on sys.path (conftest)
 from torchvision.ops.boxes import nms as torch_nms
 
-from sam_jax.amg import geometry, masks, ops
-from sam_jax.amg.decoder import decode_points
+from sam_jax.amg import geometry, masks, ops, pipeline
 from sam_jax.modeling import Sam
 
 
@@ -152,28 +151,34 @@ def tiny_embedding(tiny):
     return jnp.asarray(rng.standard_normal((1, e, e, c)), jnp.float32)
 
 
+def _decode_points(model, params, embedding, coords):
+    """AMG's decoding of every point: `pipeline.decode_tokens` then `pipeline.decode_masks` of all."""
+    iou, hyper, tokens = pipeline.decode_tokens(model, params, embedding, coords)
+    return pipeline.decode_masks(model, params, tokens, hyper), iou
+
+
 def test_amg_decoder_equals_sam_decode(tiny, tiny_embedding):
-    """The restructured decoder computes Sam.decode's function: float32 reassociation only."""
+    """AMG's decoding (shared image context, tokens then masks) computes Sam.decode's function:
+    float32 reassociation only."""
     model, params = tiny.model, tiny.params
     rng = np.random.default_rng(8)
     coords = jnp.asarray(rng.uniform(0, model.config.image_size, (9, 2)), jnp.float32)
-    low, iou = jax.jit(lambda p, e, c: decode_points(model, p, e, c))(params, tiny_embedding, coords)
+    low, iou = jax.jit(lambda p, e, c: _decode_points(model, p, e, c))(params, tiny_embedding, coords)
     ref_low, ref_iou = jax.jit(lambda p, e, c: model.apply(
         {"params": p}, e, c[:, None], jnp.ones((c.shape[0], 1), jnp.int32), method=Sam.decode))(
             params, tiny_embedding, coords)
-    # Summation order differs (folded projections, matmul transposed convolutions): a few float32
-    # ulps through two attention layers, i.e. ~1e-5 of the logits' spread.
+    # Summation order differs (layer 0's image side projected once by image_context, where
+    # Sam.decode folds the projections into the tokens): a few float32 ulps through two attention
+    # layers, i.e. ~1e-5 of the logits' spread.
     assert float(jnp.max(jnp.abs(low - ref_low)) / jnp.std(ref_low)) < 1e-4
     assert float(jnp.max(jnp.abs(iou - ref_iou))) < 1e-5
 
 
 def test_decode_job_upscales_only_points_passing_the_iou_filter(tiny, tiny_embedding):
-    from sam_jax.amg import pipeline
-
     model, params = tiny.model, tiny.params
     rng = np.random.default_rng(9)
     coords = jnp.asarray(rng.uniform(0, model.config.image_size, (12, 2)), jnp.float32)
-    full_low, full_iou = decode_points(model, params, tiny_embedding, coords)
+    full_low, full_iou = _decode_points(model, params, tiny_embedding, coords)
     thresh = float(np.median(np.asarray(full_iou).max(axis=1)))  # about half the points pass
     valid = jnp.arange(12) < 11  # the last point is padding
     low, iou = jax.jit(lambda t, p, e, c, v: pipeline.decode_job(model, t, p, e, c, v, chunk=4))(

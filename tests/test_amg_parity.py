@@ -148,7 +148,9 @@ TINY_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(TINY_CASES))
+# The daily tier keeps one case; each other one costs ~15-20 CPU-s.
+@pytest.mark.parametrize("case", [c if c == "rocket_gray/filters" else pytest.param(c, marks=pytest.mark.full)
+                                  for c in TINY_CASES])
 def test_tiny_parity(tiny, case):
     photo, kw = TINY_CASES[case]
     image = PHOTOS[photo]()
@@ -212,13 +214,13 @@ def synthetic_decoders(official_generator, monkeypatch, image_size: int, side: i
         hyper = jnp.broadcast_to(jnp.stack([px, py], -1)[:, None, :], (coords.shape[0], 3, 2))
         return _synthetic_iou(px, py, jnp), hyper, jnp.zeros((coords.shape[0], 1, 1, 1))
 
-    def upscale(params, keys, hyper):
+    def upscale(model, params, image_tokens, hyper):
         k = jnp.arange(3)[None, :]
         return _synthetic_low(hyper[..., 0], hyper[..., 1], k, side, image_size, jnp)
 
     monkeypatch.setattr(pred, "predict_torch", predict_torch)
     monkeypatch.setattr(pipeline, "decode_tokens", tokens)
-    monkeypatch.setattr(pipeline, "upscale_masks_low", upscale)
+    monkeypatch.setattr(pipeline, "decode_masks", upscale)
     pipeline._CACHE.clear()  # the jitted stages traced the real decoder
     try:
         yield
@@ -243,7 +245,9 @@ SYNTH_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(SYNTH_CASES))
+# The daily tier keeps one case; each other one costs ~10-35 CPU-s.
+@pytest.mark.parametrize("case", [c if c == "rocket_gray/grids" else pytest.param(c, marks=pytest.mark.full)
+                                  for c in SYNTH_CASES])
 def test_synthetic_decoder_parity(tiny, monkeypatch, case):
     photo, kw = SYNTH_CASES[case]
     if kw.get("min_mask_region_area"):
@@ -263,6 +267,7 @@ def test_synthetic_decoder_parity(tiny, monkeypatch, case):
         assert [r["point_coords"] for r in ours] == [r["point_coords"] for r in official]
 
 
+@pytest.mark.full  # ~20 CPU-s; guards the synthetic cases, most of which are `full` too
 def test_synthetic_nms_and_edges_act(tiny, monkeypatch):
     """Guard for the synthetic tier: its masks really exercise NMS and the crop-edge filter
     (otherwise the parity above would hold vacuously)."""

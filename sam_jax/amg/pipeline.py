@@ -8,7 +8,8 @@ program a single-device run would (results do not depend on the device count).
 Per job, on the device:
   encode   uint8 (S, S, 3) crop resized into the model frame -> embedding (1, e, e, C);
   decode   one batch of B grid points -> IoU (B * 3,) and, for points with a mask above the
-           IoU threshold only, low-res logits (B * 3, L, L) (`decoder`: AMG-shaped decoding);
+           IoU threshold only, low-res logits (B * 3, L, L) (`Sam.decode_tokens`, then
+           `Sam.decode_masks` for those points);
   filter   IoU filter BEFORE upsampling; survivors upsampled to the crop's full resolution in
            chunks of K masks (fixed shapes, validity-masked padding) and reduced to stability
            score, area and box; stability and crop-edge filters. Only indices and stats leave;
@@ -32,11 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ..functional import encode_images, jit_tuned
-from ..modeling import Sam
+from ..backend import jit_tuned
+from ..functional import encode_images
+from ..modeling import Sam, image_context
 from ..transforms import upscale_masks
 from . import ops
-from .decoder import decode_tokens, upscale_masks_low
 
 Buffers = Dict[str, jax.Array]
 AXIS = "jobs"
@@ -58,7 +59,7 @@ def sharded(key: Tuple[Any, ...], fn: Callable, mesh: Mesh, n_replicated: int,
             donate: Tuple[int, ...] = (), tuned: bool = False) -> Callable:
     """jit(shard_map(fn)) over `mesh`: the first `n_replicated` args are replicated (params,
     thresholds), the rest carry the job axis. Cached per (key, mesh); `key` names `fn` and its
-    static arguments. tuned: compile with `functional.jit_tuned` (XLA's own fusions on CPU)."""
+    static arguments. tuned: compile with `backend.jit_tuned` (XLA's own fusions on CPU)."""
     key = (*key, mesh)
     if key not in _CACHE:
         def body(*args):
@@ -92,6 +93,25 @@ def encode_job(model: Sam, params, image: jax.Array, size: jax.Array) -> jax.Arr
     return encode_images(model, params, image[None], size[None])
 
 
+def decode_tokens(model: Sam, params, embedding: jax.Array, coords: jax.Array
+                  ) -> Tuple[jax.Array, jax.Array, jax.Array]:
+    """`Sam.decode_tokens` for B single foreground points (B, 2) in the model frame against one
+    embedding (1, e, e, C), multimask: IoU (B, 3), hypernetwork outputs (B, 3, C/8) and image
+    tokens (B, e, e, C). Layer 0's image side is projected once for the batch
+    (`modeling.image_context`), not once per point."""
+    pe = model.apply({"params": params}, method=Sam.get_dense_pe)
+    context = image_context(params, embedding, pe, model.config.decoder_num_heads)
+    b = coords.shape[0]
+    return model.apply({"params": params}, embedding, coords[:, None, :], jnp.ones((b, 1), jnp.int32),
+                       multimask_output=True, image_context=context, image_pe=pe, method=Sam.decode_tokens)
+
+
+def decode_masks(model: Sam, params, image_tokens: jax.Array, hyper: jax.Array) -> jax.Array:
+    """`Sam.decode_masks`: rows of `decode_tokens`' image tokens (K, e, e, C) and hypernetwork
+    outputs (K, 3, C/8) -> low-res logits (K, 3, L, L) float32."""
+    return model.apply({"params": params}, image_tokens, hyper, method=Sam.decode_masks)
+
+
 def decode_job(model: Sam, thresholds: jax.Array, params, embedding: jax.Array, coords: jax.Array,
                valid: jax.Array, *, chunk: int) -> Tuple[jax.Array, jax.Array]:
     """B single foreground points (B, 2) in the model frame, valid (B,) -> low-res logits
@@ -102,7 +122,7 @@ def decode_job(model: Sam, thresholds: jax.Array, params, embedding: jax.Array, 
     logits stay 0 and are never read, since the filter drops their masks.
     """
     b = coords.shape[0]
-    iou, hyper, keys = decode_tokens(model, params, embedding, coords)
+    iou, hyper, tokens = decode_tokens(model, params, embedding, coords)
     need = valid & jnp.any((iou > thresholds[0]) | (thresholds[0] <= 0.0), axis=1)
     order, n = ops.compact_order(need)
     order = jnp.concatenate([order, jnp.full((chunk,), b, jnp.int32)])  # b: out of range, dropped
@@ -112,7 +132,7 @@ def decode_job(model: Sam, thresholds: jax.Array, params, embedding: jax.Array, 
     def body(c, low):
         idx = jax.lax.dynamic_slice(order, (c * chunk,), (chunk,))
         safe = jnp.minimum(idx, b - 1)
-        part = upscale_masks_low(params, keys[safe], hyper[safe])
+        part = decode_masks(model, params, tokens[safe], hyper[safe])
         return low.at[jnp.where(jnp.arange(chunk) + c * chunk < n, idx, b)].set(part, mode="drop")
 
     low = jax.lax.fori_loop(0, (n + chunk - 1) // chunk, body, low)

@@ -3,7 +3,8 @@
 from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PAD_LABEL, PromptEncoder
-from .sam import Sam
+from .sam import Sam, decoder_params
 from .transformer import TwoWayTransformer, image_context
 
-__all__ = ["ImageEncoderViT", "MaskDecoder", "PAD_LABEL", "PromptEncoder", "Sam", "TwoWayTransformer", "image_context"]
+__all__ = ["ImageEncoderViT", "MaskDecoder", "PAD_LABEL", "PromptEncoder", "Sam", "TwoWayTransformer", "decoder_params",
+           "image_context"]

@@ -18,6 +18,11 @@ CHANNELS_FIRST_MAX_DIM = 64
 class MaskDecoder(nn.Module):
     """Predicts mask logits and their IoU from an image embedding and prompt tokens.
 
+    Entry points: `__call__` (the official forward), or its two halves, `predict_tokens` (the
+    two-way transformer and the heads, for every prompt) then `upscale` (the output upscaling and
+    the hypernetwork product, for any subset of the prompts: the automatic mask generator upscales
+    only the masks that pass its IoU filter).
+
     Args:
       transformer_dim (int): channel width C (256).
       transformer_depth / transformer_num_heads / transformer_mlp_dim: the two-way transformer.
@@ -35,7 +40,27 @@ class MaskDecoder(nn.Module):
     iou_head_hidden_dim: int = 256
     dtype: Dtype = None
 
-    @nn.compact
+    def setup(self) -> None:
+        c, dt = self.transformer_dim, self.dtype
+        n_mask = self.num_multimask_outputs + 1
+        self.iou_token = nn.Embed(1, c)
+        self.mask_tokens = nn.Embed(n_mask, c)
+        self.transformer = TwoWayTransformer(self.transformer_depth, c, self.transformer_num_heads,
+                                             self.transformer_mlp_dim, dtype=dt)
+        # The two ConvTranspose2d(kernel 2, stride 2) of the official output_upscaling, as matmuls
+        # (their taps do not overlap); see `upscale` for the layouts.
+        if c <= CHANNELS_FIRST_MAX_DIM:
+            self.output_upscaling_0 = _ConvTranspose2x2(c, c // 4, dt, "nhwc->nchw")
+            self.output_upscaling_1 = nn.LayerNorm(SAM_LN_EPS, use_fast_variance=False, reduction_axes=1,
+                                                   feature_axes=1, dtype=dt)
+            self.output_upscaling_3 = _ConvTranspose2x2(c // 4, c // 8, dt, "nchw")
+        else:
+            self.output_upscaling_0 = _ConvTranspose2x2(c, c // 4, dt)
+            self.output_upscaling_1 = MatmulLayerNorm(SAM_LN_EPS, dt)
+            self.output_upscaling_3 = _ConvTranspose2x2(c // 4, c // 8, dt)
+        self.output_hypernetworks_mlps = [MLP(c, c // 8, 3, dtype=dt) for _ in range(n_mask)]
+        self.iou_prediction_head = MLP(self.iou_head_hidden_dim, n_mask, self.iou_head_depth, dtype=dt)
+
     def __call__(
         self,
         image_embeddings: jax.Array,
@@ -54,11 +79,32 @@ class MaskDecoder(nn.Module):
         Returns low-res mask logits (B, M, 4h, 4w) and IoU predictions (B, M); M is
         num_multimask_outputs when multimask_output, else 1.
         """
+        iou_pred, hyper_in, image_tokens = self.predict_tokens(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, multimask_output,
+            token_valid, image_context)
+        return self.upscale(image_tokens, hyper_in), iou_pred
+
+    def predict_tokens(
+        self,
+        image_embeddings: jax.Array,
+        image_pe: jax.Array,
+        sparse_prompt_embeddings: jax.Array,
+        dense_prompt_embeddings: jax.Array,
+        multimask_output: bool,
+        token_valid: Optional[jax.Array] = None,
+        image_context: Optional[Dict[str, jax.Array]] = None,
+    ) -> Tuple[jax.Array, jax.Array, jax.Array]:
+        """`__call__` up to the output upscaling (same arguments).
+
+        Returns IoU predictions (B, M), the hypernetwork outputs (B, M, C/8) of the M returned
+        masks, and the image tokens after the transformer (B, h, w, C) NHWC: `upscale` turns rows
+        of the last two into mask logits.
+        """
         c = self.transformer_dim
         n_mask = self.num_multimask_outputs + 1
         b = sparse_prompt_embeddings.shape[0]
-        iou_token = nn.Embed(1, c, name="iou_token").embedding
-        mask_tokens = nn.Embed(n_mask, c, name="mask_tokens").embedding
+        iou_token = self.iou_token.embedding
+        mask_tokens = self.mask_tokens.embedding
         out_tokens = jnp.broadcast_to(jnp.concatenate([iou_token, mask_tokens]), (b, 1 + n_mask, c))
         tokens = jnp.concatenate([out_tokens, sparse_prompt_embeddings.astype(out_tokens.dtype)], axis=1)
         if token_valid is not None:
@@ -72,50 +118,42 @@ class MaskDecoder(nn.Module):
         hh, ww = src.shape[1:3]
         # Only the IoU token and the mask tokens have outputs that are read: the final attention
         # runs for those alone (the prompt tokens' outputs are discarded officially).
-        hs, src = TwoWayTransformer(self.transformer_depth, c, self.transformer_num_heads,
-                                    self.transformer_mlp_dim, dtype=self.dtype,
-                                    name="transformer")(src, jnp.reshape(image_pe, (1, hh, ww, c)), tokens, token_valid,
-                                                        image_context, output_tokens=tuple(range(1 + n_mask)))
+        hs, src = self.transformer(src, jnp.reshape(image_pe, (1, hh, ww, c)), tokens, token_valid,
+                                   image_context, output_tokens=tuple(range(1 + n_mask)))
         iou_token_out = hs[:, 0]
         mask_tokens_out = hs[:, 1:1 + n_mask]
-
-        x = src.reshape(b, hh, ww, c)
-        channels_first = c <= CHANNELS_FIRST_MAX_DIM
-        if channels_first:
-            # Few upscaled channels (C/8 <= 8): pixels minor, (b, C', 2h, 2w) then (b, C/8, 4h, 4w),
-            # so the norm, the GELUs and their gradients run over whole pixel rows instead of rows of
-            # C/8 floats that XLA:CPU vectorises badly (a 64-px model's train step: 106 -> 97 ms).
-            x = _ConvTranspose2x2(c, c // 4, self.dtype, "nhwc->nchw",
-                                  name="output_upscaling_0")(x)  # (b, C/4, 2h, 2w)
-            x = gelu(nn.LayerNorm(SAM_LN_EPS, use_fast_variance=False, reduction_axes=1, feature_axes=1,
-                                  dtype=self.dtype, name="output_upscaling_1")(x))
-            upscaled = gelu(_ConvTranspose2x2(c // 4, c // 8, self.dtype, "nchw",
-                                              name="output_upscaling_3")(x))  # (b, C/8, 4h, 4w)
-        else:
-            # The two ConvTranspose2d(kernel 2, stride 2) of the official output_upscaling: their
-            # taps do not overlap, so each is a matmul to 2x2 output pixels per input pixel. The
-            # pixels stay in that blocked layout, (b, h, w, a, b', a2, b2, C/8) = pixel
-            # (4h + 2a + a2, 4w + 2b' + b2), until the final product with the hypernetwork vectors,
-            # which interleaves only M masks.
-            x = _ConvTranspose2x2(c, c // 4, self.dtype, name="output_upscaling_0")(x)  # (b, h, w, 2, 2, C/4)
-            x = gelu(MatmulLayerNorm(SAM_LN_EPS, self.dtype, name="output_upscaling_1")(x))
-            upscaled = gelu(_ConvTranspose2x2(c // 4, c // 8, self.dtype, name="output_upscaling_3")(x))
 
         # Only the masks that are returned (officially all n_mask are computed, then sliced): the
         # hypernetwork MLPs of the others run only while initialising, to create their params.
         sl = slice(1, None) if multimask_output else slice(0, 1)
         wanted = range(n_mask)[sl]
-        hyper = {i: MLP(c, c // 8, 3, dtype=self.dtype, name=f"output_hypernetworks_mlps_{i}")(mask_tokens_out[:, i])
+        hyper = {i: self.output_hypernetworks_mlps[i](mask_tokens_out[:, i])
                  for i in (range(n_mask) if self.is_initializing() else wanted)}
         hyper_in = jnp.stack([hyper[i] for i in wanted], axis=1)  # (B, M, C/8)
-        iou_pred = MLP(self.iou_head_hidden_dim, n_mask, self.iou_head_depth, dtype=self.dtype,
-                       name="iou_prediction_head")(iou_token_out)
+        iou_pred = self.iou_prediction_head(iou_token_out)
+        return iou_pred[:, sl], hyper_in, src.reshape(b, hh, ww, c)
 
-        if channels_first:
-            masks = jnp.einsum("bmc,bcyx->bmyx", hyper_in, upscaled.astype(hyper_in.dtype))
-            return masks, iou_pred[:, sl]
+    def upscale(self, image_tokens: jax.Array, hyper_in: jax.Array) -> jax.Array:
+        """The output upscaling and the hypernetwork product: image tokens (K, h, w, C) NHWC and
+        hypernetwork outputs (K, M, C/8) (rows of `predict_tokens`' outputs, any K) -> low-res
+        mask logits (K, M, 4h, 4w)."""
+        k, hh, ww = image_tokens.shape[:3]
+        if self.transformer_dim <= CHANNELS_FIRST_MAX_DIM:
+            # Few upscaled channels (C/8 <= 8): pixels minor, (K, C', 2h, 2w) then (K, C/8, 4h, 4w),
+            # so the norm, the GELUs and their gradients run over whole pixel rows instead of rows of
+            # C/8 floats that XLA:CPU vectorises badly (a 64-px model's train step: 106 -> 97 ms).
+            x = self.output_upscaling_0(image_tokens)  # (K, C/4, 2h, 2w)
+            x = gelu(self.output_upscaling_1(x))
+            upscaled = gelu(self.output_upscaling_3(x))  # (K, C/8, 4h, 4w)
+            return jnp.einsum("bmc,bcyx->bmyx", hyper_in, upscaled.astype(hyper_in.dtype))
+        # The pixels stay in the blocked layout, (K, h, w, a, b', a2, b2, C/8) = pixel
+        # (4h + 2a + a2, 4w + 2b' + b2), until the final product with the hypernetwork vectors,
+        # which interleaves only M masks.
+        x = self.output_upscaling_0(image_tokens)  # (K, h, w, 2, 2, C/4)
+        x = gelu(self.output_upscaling_1(x))
+        upscaled = gelu(self.output_upscaling_3(x))
         masks = jnp.einsum("bmc,bhwikjlc->bmhijwkl", hyper_in, upscaled.astype(hyper_in.dtype))
-        return masks.reshape(*masks.shape[:2], 4 * hh, 4 * ww), iou_pred[:, sl]
+        return masks.reshape(k, masks.shape[1], 4 * hh, 4 * ww)
 
 
 class _ConvTranspose2x2(nn.Module):

@@ -9,7 +9,7 @@ Layouts at this boundary:
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -21,12 +21,28 @@ from .image_encoder import ImageEncoderViT, check_attention_impl
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
 
+# The top-level parameter subtrees that decoding reads (`Sam.get_dense_pe`, `decode`,
+# `decode_tokens`, `decode_masks` and `image_context`).
+DECODER_PARTS = ("prompt_encoder", "mask_decoder")
+
+
+def decoder_params(params: Dict[str, Any]) -> Dict[str, Any]:
+    """The part of a full SAM parameter tree that decoding reads: a jitted decode given only this
+    does not flatten the image encoder's parameters on every call. ValueError when a part is
+    missing (not a SAM parameter tree)."""
+    missing = [k for k in DECODER_PARTS if k not in params]
+    if missing:
+        raise ValueError(f"params has no {' or '.join(missing)} subtree: expected a full SAM parameter tree")
+    return {k: params[k] for k in DECODER_PARTS}
+
 
 class Sam(nn.Module):
     """Segment Anything. Build it with `sam_jax.build_sam`; call methods through `apply`:
 
     >>> emb = model.apply({"params": params}, images, method=Sam.encode_image)
     >>> logits, iou = model.apply({"params": params}, emb, coords, labels, method=Sam.decode)
+
+    `decode` is `decode_tokens` (every prompt's IoU) then `decode_masks` (logits for any subset).
     """
 
     config: SamConfig
@@ -83,7 +99,8 @@ class Sam(nn.Module):
         image_context: Optional[Dict[str, jax.Array]] = None,
         image_pe: Optional[jax.Array] = None,
     ) -> Tuple[jax.Array, jax.Array]:
-        """Decodes a batch of B prompts against image embeddings.
+        """Decodes a batch of B prompts against image embeddings: `decode_tokens` then
+        `decode_masks`.
 
         Args:
           image_embeddings: (1, h, w, C) shared by every prompt, or (B, h, w, C) one per prompt.
@@ -98,14 +115,41 @@ class Sam(nn.Module):
         Returns:
           low-res mask logits (B, M, 4h, 4w) and IoU predictions (B, M), float32.
         """
+        iou, hyper, image_tokens = self.decode_tokens(image_embeddings, point_coords, point_labels, boxes,
+                                                      mask_inputs, multimask_output, image_context, image_pe)
+        return self.decode_masks(image_tokens, hyper), iou
+
+    def decode_tokens(
+        self,
+        image_embeddings: jax.Array,
+        point_coords: Optional[jax.Array] = None,
+        point_labels: Optional[jax.Array] = None,
+        boxes: Optional[jax.Array] = None,
+        mask_inputs: Optional[jax.Array] = None,
+        multimask_output: bool = True,
+        image_context: Optional[Dict[str, jax.Array]] = None,
+        image_pe: Optional[jax.Array] = None,
+    ) -> Tuple[jax.Array, jax.Array, jax.Array]:
+        """`decode` up to the output upscaling (same arguments): for callers that need every
+        prompt's IoU but the masks of only some (the automatic mask generator).
+
+        Returns IoU predictions (B, M) float32, hypernetwork outputs (B, M, C/8) and image tokens
+        (B, h, w, C) NHWC, the last two in the compute dtype: `decode_masks` of any rows of them
+        equals those rows of `decode`'s logits.
+        """
         if image_context is not None and mask_inputs is not None:
             raise ValueError("image_context holds the image side for prompts WITHOUT a mask input; "
                              "pass image_context=None with mask_inputs")
         sparse, dense, valid = self.prompt_encoder(point_coords, point_labels, boxes, mask_inputs)
         pe = self.prompt_encoder.get_dense_pe() if image_pe is None else image_pe
-        masks, iou = self.mask_decoder(image_embeddings, pe, sparse, dense, multimask_output, token_valid=valid,
-                                       image_context=image_context)
-        return masks.astype(jnp.float32), iou.astype(jnp.float32)
+        iou, hyper, image_tokens = self.mask_decoder.predict_tokens(
+            image_embeddings, pe, sparse, dense, multimask_output, token_valid=valid, image_context=image_context)
+        return iou.astype(jnp.float32), hyper, image_tokens
+
+    def decode_masks(self, image_tokens: jax.Array, hyper: jax.Array) -> jax.Array:
+        """Image tokens (K, h, w, C) and hypernetwork outputs (K, M, C/8) from `decode_tokens`
+        (the same K rows of both) -> low-res mask logits (K, M, 4h, 4w), float32."""
+        return self.mask_decoder.upscale(image_tokens, hyper).astype(jnp.float32)
 
     def __call__(self, images, point_coords=None, point_labels=None, boxes=None, mask_inputs=None,
                  multimask_output: bool = True):
