@@ -112,7 +112,8 @@ def test_coco_polygons_and_rle(tmp_path):
     coco = {"images": [{"id": 1, "file_name": "x.png", "height": 40, "width": 50}],
             "annotations": [
                 {"image_id": 1, "iscrowd": 0, "segmentation": [[5, 10, 25, 10, 25, 20, 5, 20]]},
-                {"image_id": 1, "iscrowd": 0, "segmentation": {"size": [40, 50], "counts": _rle_encode_compressed(blob)}},
+                {"image_id": 1, "iscrowd": 0,
+                 "segmentation": {"size": [40, 50], "counts": _rle_encode_compressed(blob)}},
                 {"image_id": 1, "iscrowd": 0, "segmentation": uncompressed},
                 {"image_id": 1, "iscrowd": 1, "segmentation": [[0, 0, 10, 0, 10, 10]]}]}
     path = tmp_path / "ann.json"
@@ -121,9 +122,49 @@ def test_coco_polygons_and_rle(tmp_path):
     assert len(s.masks[0]) == 3  # the crowd annotation is skipped
     np.testing.assert_array_equal(s.masks[0][1, :40], blob)
     poly = s.masks[0][0, :40]
-    assert poly[12:18, 7:23].all() and not poly[:8].any()  # PIL fills the polygon (edges inclusive)
+    assert poly[12:18, 7:23].all() and not poly[:8].any()  # pycocotools fills the polygon
     np.testing.assert_array_equal(s.masks[0][2, :40], square[::-1])
     assert _runs(square)[:3] == [5 * 40 + 10, 10, 30]  # the helper's layout: column-major, zeros first
+
+
+# pycocotools' own decode (inside annToMask) warns under numpy 2 (pycocotools/mask.py): its
+# warning, not ours; sam_jax.rle silences it where it calls decode.
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+def test_coco_annotations_decode_as_the_coco_api(tmp_path):
+    """A polygon pair, an uncompressed and a compressed RLE give annToMask's masks exactly."""
+    pytest.importorskip("pycocotools")
+    from pycocotools.coco import COCO
+
+    h, w = 37, 53  # odd sizes: a transposed (row-major) decode would not even reshape
+    _write_rgb(tmp_path / "y.png", h, w)
+    rs = np.random.RandomState(4)
+    blob = rs.rand(h, w) < 0.3
+    blob[0, 0] = True  # a first run of zero 0s
+    ring = [[4.5, 3.2, 30.7, 6.1, 26.3, 20.8, 8.9, 17.4], [33, 25, 50, 28, 41.5, 36]]
+    segs = [ring, {"size": [h, w], "counts": _runs(blob)},
+            {"size": [h, w], "counts": _rle_encode_compressed(~blob)}]
+    dataset = {"images": [{"id": 7, "file_name": "y.png", "height": h, "width": w}],
+               "annotations": [{"id": i + 1, "image_id": 7, "iscrowd": 0, "segmentation": seg, "area": 1.0,
+                                "bbox": [0, 0, 1, 1], "category_id": 1} for i, seg in enumerate(segs)],
+               "categories": [{"id": 1, "name": "thing"}]}
+    api = COCO()
+    api.dataset = json.loads(json.dumps(dataset))
+    api.createIndex()
+    want = np.stack([api.annToMask(a).astype(bool) for a in api.loadAnns(api.getAnnIds(imgIds=[7]))])
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(dataset))
+    s = tdata.load_coco(str(path), str(tmp_path), w)  # input size = the long side: nothing resampled
+    np.testing.assert_array_equal(s.masks[0][:, :h], want)
+    np.testing.assert_array_equal(want[1], blob)
+    np.testing.assert_array_equal(want[2], ~blob)
+    assert want[0][28:31, 39:45].all() and want[0][8:15, 10:25].all()  # both polygons, merged
+    for bad, match in (({"size": [h, w + 1], "counts": _runs(blob)}, "size"),
+                       ({"size": [h, w], "counts": _runs(blob)[:-1]}, "counts sum"),
+                       ([[1, 2, 3, 4]], "at least 3 points")):
+        dataset["annotations"][0]["segmentation"] = bad
+        path.write_text(json.dumps(dataset))
+        with pytest.raises(ValueError, match=f"annotation 1 of y.png: segmentation: .*{match}"):
+            tdata.load_coco(str(path), str(tmp_path), w)
 
 
 def test_center_points_and_sample_masks():

@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from ..rle import coco_to_mask
 from ..transforms import get_preprocess_shape, pad_to_square, resize_longest_side
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -116,38 +117,10 @@ def load_mask_folder(images_dir: str, masks_dir: str, image_size: int) -> Sample
     return prepare(images, masks, image_size, names)
 
 
-def rle_decode(rle: Dict, h: int, w: int) -> np.ndarray:
-    """COCO RLE (counts as a list, or the compressed string) -> bool (h, w). Column-major runs,
-    starting with a run of zeros."""
-    counts = rle["counts"]
-    if isinstance(counts, str):  # COCO's compressed form: 5-bit groups, deltas after the 3rd run
-        runs, i, s = [], 0, counts.encode("ascii")
-        while i < len(s):
-            x, k, more = 0, 0, True
-            while more:
-                c = s[i] - 48
-                x |= (c & 0x1F) << (5 * k)
-                more = bool(c & 0x20)
-                i, k = i + 1, k + 1
-                if not more and (c & 0x10):
-                    x |= -1 << (5 * k)
-            if len(runs) > 2:
-                x += runs[-2]
-            runs.append(x)
-        counts = runs
-    flat = np.zeros(h * w, bool)
-    pos = 0
-    for j, n in enumerate(counts):
-        if j % 2:
-            flat[pos:pos + n] = True
-        pos += n
-    return flat.reshape(w, h).T
-
-
 def load_coco(json_path: str, images_dir: str, image_size: int) -> Samples:
-    """A COCO instances json (polygons or RLE; crowd annotations skipped) + its image folder."""
-    from PIL import ImageDraw
+    """A COCO instances json (polygons or RLE; crowd annotations skipped) + its image folder.
 
+    Each annotation becomes the mask `pycocotools.coco.COCO.annToMask` gives it (`coco_to_mask`)."""
     with open(json_path) as f:
         coco = json.load(f)
     anns: Dict[int, list] = {}
@@ -162,14 +135,10 @@ def load_coco(json_path: str, images_dir: str, image_size: int) -> Samples:
         h, w = img.shape[:2]
         stack = []
         for a in anns[info["id"]]:
-            seg = a["segmentation"]
-            if isinstance(seg, dict):
-                stack.append(rle_decode(seg, h, w))
-            else:
-                canvas = Image.new("L", (w, h), 0)
-                for poly in seg:
-                    ImageDraw.Draw(canvas).polygon([float(v) for v in poly], fill=1)
-                stack.append(np.asarray(canvas) > 0)
+            try:
+                stack.append(coco_to_mask(a["segmentation"], h, w))
+            except ValueError as e:
+                raise ValueError(f"{json_path}: annotation {a.get('id')} of {info['file_name']}: {e}") from None
         images.append(img), masks.append(np.stack(stack)), names.append(os.path.splitext(info["file_name"])[0])
     if not images:
         raise ValueError(f"{json_path}: no image with a non-crowd annotation")
