@@ -4,7 +4,7 @@
     python bench/amg.py --model tiny --json /tmp/amg_smoke.json     # checks the script runs (seconds)
     python bench/amg.py --model vit_h --device cuda --official-mode fast   # on a GPU (the defaults there)
 
-Both sides get the same randomised full-size checkpoint (tests/reference.py, converted by the real
+Both sides get the same randomised full-size checkpoint (tests/reference/, converted by the real
 converter, as bench/predictor.py). Rows:
   * "generate": `generate(image)` with the DEFAULT settings (32 x 32 points, thresholds 0.88 /
     0.95, ...), image encoding included;
@@ -39,7 +39,7 @@ import time
 from typing import Any, Dict, List
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+sys.path.insert(0, ROOT)  # run as a script: the repository root, for bench/ and tests.reference
 
 from bench.common import load_image, peak_rss_mb, write_results  # noqa: E402
 
@@ -57,7 +57,7 @@ def child(side: str, row: str, workdir: str, image_name: str, repeats: int, devi
     first = None
     if side == "official":
         import torch
-        from reference import official_sam  # noqa: F401  (puts the torchvision stand-in on sys.path)
+        from tests.reference import official_sam  # noqa: F401  (puts the torchvision stand-in on sys.path)
         from segment_anything import SamAutomaticMaskGenerator
 
         import sam_jax
@@ -115,7 +115,7 @@ def prepare(model_type: str, image_name: str, workdir: str) -> None:
     """Weights for both sides and the embeddings for the "from embedding" rows."""
     import numpy as np
     import torch
-    from reference import official_sam, randomise_
+    from tests.reference import official_sam, randomise_
     from segment_anything import SamPredictor as OfficialPredictor
 
     import sam_jax
@@ -203,7 +203,8 @@ def main(argv=None) -> int:
     import torch
 
     meta = {"model": args.model, "image": args.image, "image_shape": list(load_image(args.image).shape),
-            "repeats": args.repeats, "device": args.device, "official_mode": args.official_mode, "cpu_count": os.cpu_count(), "jax": jax.__version__, "torch": torch.__version__,
+            "repeats": args.repeats, "device": args.device, "official_mode": args.official_mode,
+            "cpu_count": os.cpu_count(), "jax": jax.__version__, "torch": torch.__version__,
             "machine": platform.platform(), "results": results}
     write_results(args.json, meta)
     return 0

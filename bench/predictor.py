@@ -5,7 +5,7 @@
                               [--device cuda] [--official-mode fast] [--batch 8]
 
 Both sides get the same randomised full-size checkpoint: the official model is built and every
-tensor randomised by tests/reference.py, saved as .pth, converted by the real converter
+tensor randomised by tests/reference/, saved as .pth, converted by the real converter
 (`python -m convert`), and loaded with `sam_jax.load`. Each row is timed interleaved (official,
 then sam_jax, `--repeats` times, and fast rows until `--min-time` seconds have passed) after one
 warm-up call per side; the table shows the number of repeats, medians, their ratio, and the
@@ -44,7 +44,7 @@ import time
 from typing import Any, Callable, Dict, List
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+sys.path.insert(0, ROOT)  # run as a script: the repository root, for bench/ and tests.reference
 
 from bench.common import load_image, peak_rss_mb, write_results  # noqa: E402
 from bench.official_fast import (MODES, OfficialConfig, configure_official, default_device, default_mode,  # noqa: E402
@@ -54,7 +54,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from reference import official_sam, randomise_  # noqa: E402  (puts the torchvision stand-in on sys.path)
+from tests.reference import official_sam, randomise_  # noqa: E402  (puts the torchvision stand-in on sys.path)
 
 import sam_jax  # noqa: E402
 from convert.__main__ import main as convert_main  # noqa: E402
@@ -109,8 +109,9 @@ def _set_image(ctx: Context) -> Row:
 
 def _encoder_row(ctx: Context, name: str, dtype: Any, batch: int = 1, attention_impl: str = "chunked") -> Row:
     """The image encoder alone on the preprocessed 1024x1024 input (no resize, no transfer), as
-    the predictor runs it (`functional.encode_staged`); `batch` copies of it."""
-    from sam_jax.functional import encode_staged
+    the predictor runs it (`backend.encode_staged` where `backend.staging_pays()`, else one jit);
+    `batch` copies of it."""
+    from sam_jax import backend
 
     resized = ctx.official.transform.apply_image(ctx.image)
     with torch.no_grad():
@@ -123,7 +124,9 @@ def _encoder_row(ctx: Context, name: str, dtype: Any, batch: int = 1, attention_
         with torch.no_grad():
             return ctx.official.model.image_encoder(x_t)
 
-    return Row(name, ctx.sync(official), lambda: jax.block_until_ready(encode_staged(model, ctx.ours.params, x)))
+    encode = ((lambda p, x: backend.encode_staged(model, p, x)) if backend.staging_pays() else
+              jax.jit(lambda p, x: model.apply({"params": p}, x, method=sam_jax.Sam.encode_image)))
+    return Row(name, ctx.sync(official), lambda: jax.block_until_ready(encode(ctx.ours.params, x)))
 
 
 @row("encoder")
@@ -376,7 +379,8 @@ def main(argv=None) -> int:
               f"sam_jax {memory['sam_jax']:.0f} MB")
     tmp.cleanup()
     meta = {"model": args.model, "image": args.image, "image_shape": list(image.shape),
-            "repeats": args.repeats, "min_time_s": args.min_time, "settle_s": args.settle, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "repeats": args.repeats, "min_time_s": args.min_time, "settle_s": args.settle,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "jax": jax.__version__, "torch": torch.__version__, "jax_device": str(jax.devices()[0]),
             "machine": platform.platform(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
             "official": official_config.describe(), "batch": args.batch, "encoder_rates": rates,

@@ -1,22 +1,26 @@
-"""Shared fixtures: randomised official checkpoints, converted by the real converter."""
+"""Shared fixtures: randomised official checkpoints, converted by the real converter; the test tiers.
+
+Tiers: every test that needs a full-size model (the `vit_b` / `vit_l` / `vit_h` fixtures below, or a
+`full` mark) is marked `full`. `python -m pytest` runs everything; `python -m pytest -m "not full"`
+is the daily tier. torch is imported only by the fixtures that build the official reference, so
+the suite collects without it.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
+from typing import TYPE_CHECKING
 
 import jax
-import numpy as np
 import pytest
-import torch
-
-from reference import official_sam, randomise_  # noqa: F401  (also puts the stand-in on sys.path)
 
 import sam_jax
-from convert.__main__ import main as convert_main
 
-torch.set_num_threads(os.cpu_count() or 1)
+if TYPE_CHECKING:
+    import torch
+
+# Requesting one of these fixtures (directly or through another fixture) marks a test `full`.
+FULL_SIZE_FIXTURES = frozenset({"vit_b", "vit_l", "vit_h"})
 
 
 @dataclasses.dataclass
@@ -30,6 +34,11 @@ class Reference:
 
 
 def _make_reference(tmp_path_factory, name: str, seed: int) -> Reference:
+    import torch
+
+    from convert.__main__ import main as convert_main
+    from tests.reference import official_sam, randomise_
+
     cfg = sam_jax.get_config(name)
     tm = randomise_(official_sam(cfg), seed)
     d = tmp_path_factory.mktemp(f"ckpt_{name}")
@@ -53,7 +62,7 @@ def vit_b(tmp_path_factory) -> Reference:
     return _make_reference(tmp_path_factory, "vit_b", seed=1)
 
 
-# The larger sizes run only with `-m slow` (minutes each, and vit_h needs ~10 GB of memory).
+# Module scope: built for one parity run each, then freed (vit_h needs ~10 GB of memory).
 @pytest.fixture(scope="module")
 def vit_l(tmp_path_factory) -> Reference:
     return _make_reference(tmp_path_factory, "vit_l", seed=2)
@@ -70,28 +79,8 @@ def _highest_precision():
         yield
 
 
-def max_rel_err(got, ref) -> float:
-    """max |got - ref| / std(ref): the error measure of the parity tolerances."""
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    assert got.shape == ref.shape, (got.shape, ref.shape)
-    return float(np.max(np.abs(got - ref)) / np.std(ref))
-
-
-COMPILE_EVENTS = ("/jax/core/compile/backend_compile_duration", "/jax/core/compile/jaxpr_trace_duration")
-
-
-@contextlib.contextmanager
-def count_compilations(names=COMPILE_EVENTS):
-    """Yields a list that collects every event in `names` (by default each trace and XLA
-    compilation) started inside the block."""
-    events = []
-
-    def listener(name, duration, **kwargs):
-        if name in names:
-            events.append(name)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield events
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects on the marks
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if FULL_SIZE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.full)

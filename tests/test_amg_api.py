@@ -94,7 +94,9 @@ def test_records_schema(binary_records, image):
 
 # pycocotools' own decode wraps its result in a Cython class whose __array__ predates numpy 2's
 # copy keyword (pycocotools/mask.py:91): its warning, not ours.
-@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+@pytest.mark.filterwarnings(
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning:pycocotools")
+@pytest.mark.full  # ~8 CPU-s: two more generator runs
 def test_output_modes_agree(tiny, image, binary_records):
     pytest.importorskip("pycocotools")
     from pycocotools import mask as mask_utils
@@ -142,6 +144,7 @@ def test_generate_from_embedding_checks(tiny):
         crops.generate_from_embedding(np.zeros((1, e, e, c)), (100, 100))
 
 
+@pytest.mark.full  # ~10 CPU-s: three more generator runs compiled
 def test_batch_equals_single_and_points_per_batch_does_not_matter(tiny, image, binary_records):
     """generate_batch on mixed sizes equals generate on each; a points_per_batch that does not
     divide the grid (padding in the last batch) and forces the survivor buffer to grow twice gives

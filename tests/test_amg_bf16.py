@@ -7,6 +7,7 @@ from collections import defaultdict
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import skimage.data
 
 from sam_jax.amg import SamAutomaticMaskGenerator, pipeline
@@ -20,6 +21,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / max((a | b).sum(), 1))
 
 
+@pytest.mark.full  # ~20 CPU-s: the AMG pipeline compiled twice (fp32, bf16)
 def test_bf16_amg_runs_and_matches_fp32(tiny):
     image = skimage.data.chelsea()[:200, :260]
     bf16 = tiny.model.clone(dtype=jnp.bfloat16)

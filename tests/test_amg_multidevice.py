@@ -46,6 +46,7 @@ def _generate(weights: str, n_devices: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.full  # fresh JAX processes, each compiling the pipeline (~35 CPU-s)
 def test_four_devices_equal_one_device(tiny):
     """3 images with one crop layer on 4 devices: layer 0 runs as one group padded with a copy
     (its results dropped), layer 1 as 3 groups of 4 crops; mixed sizes share padded shapes."""
@@ -63,6 +64,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.full  # fresh JAX processes, each compiling the pipeline (~40 CPU-s)
 def test_cli_two_processes_share_the_files(tiny, tmp_path):
     pytest.importorskip("pycocotools")
     src = tmp_path / "in"

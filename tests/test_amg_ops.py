@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from segment_anything.utils import amg as official  # the stand-in torchvision is on sys.path (conftest)
+from segment_anything.utils import amg as official  # the torchvision stand-in is on sys.path (tests/__init__.py)
 from torchvision.ops.boxes import nms as torch_nms
 
 from sam_jax.amg import geometry, masks, ops, pipeline
@@ -174,6 +174,7 @@ def test_amg_decoder_equals_sam_decode(tiny, tiny_embedding):
     assert float(jnp.max(jnp.abs(iou - ref_iou))) < 1e-5
 
 
+@pytest.mark.full  # ~12 CPU-s: the decode job compiled for two filters
 def test_decode_job_upscales_only_points_passing_the_iou_filter(tiny, tiny_embedding):
     model, params = tiny.model, tiny.params
     rng = np.random.default_rng(9)

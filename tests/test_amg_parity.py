@@ -148,9 +148,8 @@ TINY_CASES = {
 }
 
 
-# The daily tier keeps one case; each other one costs ~15-20 CPU-s.
-@pytest.mark.parametrize("case", [c if c == "rocket_gray/filters" else pytest.param(c, marks=pytest.mark.full)
-                                  for c in TINY_CASES])
+@pytest.mark.full  # ~15-25 CPU-s a case; the daily tier compares the pipeline through the synthetic case
+@pytest.mark.parametrize("case", list(TINY_CASES))
 def test_tiny_parity(tiny, case):
     photo, kw = TINY_CASES[case]
     image = PHOTOS[photo]()

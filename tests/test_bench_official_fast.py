@@ -10,7 +10,7 @@ import torch
 
 import sam_jax
 from bench.official_fast import MODES, OfficialConfig, configure_official, default_mode, use_sdpa
-from reference import official_sam, randomise_
+from tests.reference import official_sam, randomise_
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ def _run(cache_dir) -> int:
     return int(r.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.full  # two fresh JAX processes, one compiling cold (~30 CPU-s)
 def test_second_process_hits_the_cache(tmp_path):
     assert _run(tmp_path) == 0  # cold: everything compiled and written
     assert any(tmp_path.iterdir())

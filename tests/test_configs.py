@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sam_jax
-from reference import official_sam
+from tests.reference import official_sam
 
 # Values in the official state_dict (parameters plus the saved gaussian PE buffer).
 PINNED_COUNTS = {
@@ -27,7 +27,7 @@ def test_every_preset_is_pinned():
 def test_param_count(name):
     shapes = sam_jax.param_shapes(sam_jax.build_sam(name))
     assert sam_jax.count_params(shapes) == PINNED_COUNTS[name]
-    assert len(sam_jax.io.flatten_params(shapes)) == PINNED_TENSORS[name]
+    assert len(sam_jax.checkpoints.flatten_params(shapes)) == PINNED_TENSORS[name]
     with torch.device("meta"):  # shapes only, nothing allocated
         official = official_sam(sam_jax.get_config(name)).state_dict()
     assert sum(t.numel() for t in official.values()) == PINNED_COUNTS[name]

@@ -47,6 +47,7 @@ def test_cli_converts_and_loads(tiny, tmp_path):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.full  # ~5 CPU-s: a fresh process; the daily tier runs `python -m convert`
 def test_console_script_convert(tiny, tmp_path):
     out = tmp_path / "t.safetensors"
     code, stdout, err = run_cli("convert", tiny.pth, out, module="sam_jax.cli")
@@ -104,7 +105,8 @@ def test_structure_of_every_size(name):
 
 def test_truncated_file(tiny, tmp_path):
     src = tmp_path / "trunc.pth"
-    data = open(tiny.pth, "rb").read()
+    with open(tiny.pth, "rb") as f:
+        data = f.read()
     src.write_bytes(data[: len(data) // 2])
     code, _, err = run_cli(src, tmp_path / "o.safetensors")
     assert_short_error(code, err, "truncated or corrupt")
@@ -117,6 +119,7 @@ def test_random_bytes(tmp_path):
     assert_short_error(code, err, "not a PyTorch checkpoint")
 
 
+@pytest.mark.full  # ~4 CPU-s: a fresh process; test_random_bytes runs daily
 def test_random_bytes_looking_like_a_pickle(tmp_path):
     src = tmp_path / "random.pth"
     src.write_bytes(b"\x80" + np.random.RandomState(1).bytes(4096))
@@ -164,6 +167,7 @@ def test_missing_key(tiny, tmp_path):
     assert_short_error(code, err, "missing key mask_decoder.iou_token.weight")
 
 
+@pytest.mark.full  # ~5 CPU-s: a fresh process; test_missing_key covers the key check daily
 def test_extra_key(tiny, tmp_path):
     sd = dict(tiny.torch_model.state_dict())
     sd["mask_decoder.extra_head.weight"] = torch.zeros(3, 3)
@@ -180,6 +184,7 @@ def test_wrong_shape(tiny):
         convert_state_dict(sd)
 
 
+@pytest.mark.full  # ~4 CPU-s: a fresh process
 def test_forced_model_type_of_another_size(tiny, tmp_path):
     code, _, err = run_cli(tiny.pth, tmp_path / "o.safetensors", "--model-type", "vit_b")
     assert_short_error(code, err, "does not match the checkpoint", "tiny", "vit_b")

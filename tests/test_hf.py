@@ -255,7 +255,8 @@ def test_tiny_image_embeddings_match_transformers(tiny_parity):
     assert err <= EMBED_TOL
 
 
-@pytest.mark.parametrize("kind", PROMPTS)
+# The daily tier keeps points; each other prompt kind costs ~6 CPU-s.
+@pytest.mark.parametrize("kind", [k if k == "points" else pytest.param(k, marks=pytest.mark.full) for k in PROMPTS])
 def test_tiny_end_to_end_matches_transformers(tiny, tiny_parity, kind):
     """Pixels in on both sides: transformers runs its own vision encoder."""
     hf_model, image, emb, _ = tiny_parity

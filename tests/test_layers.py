@@ -9,7 +9,7 @@ import pytest
 import torch
 from segment_anything.modeling import image_encoder as official_enc
 
-from convert.official import CONV_TRANSPOSE_MODULES, _to_flax_layout
+from sam_jax.checkpoints.official import CONV_TRANSPOSE_MODULES, _to_flax_layout
 from sam_jax.modeling.common import SAM_LN_EPS, TORCH_LN_EPS, gelu, layer_norm
 from sam_jax.modeling.image_encoder import get_rel_pos, window_partition, window_unpartition
 
@@ -51,6 +51,7 @@ def test_conv_transpose_layout():
         np.testing.assert_allclose(cf.transpose(0, 2, 3, 1), ref, rtol=0, atol=1e-5)
 
 
+@pytest.mark.full  # ~35 CPU-s: the whole tiny model initialised and applied unjitted
 def test_decoder_upscaling_layouts_agree(monkeypatch):
     """Narrow decoders (C <= CHANNELS_FIRST_MAX_DIM) upscale channels-first, wide ones blocked:
     the two give the same masks on the same params (the torch parity tests cover the tiny config,

@@ -18,13 +18,11 @@ from PIL import Image
 from segment_anything.utils.transforms import ResizeLongestSide
 
 import sam_jax
-from conftest import max_rel_err
-from reference import to_nchw, to_nhwc
 from sam_jax.transforms import (apply_boxes, apply_coords, postprocess_masks, preprocess,
                                 resize_longest_side)
+from tests.reference import max_rel_err, to_nchw, to_nhwc
 
-MODELS = ["tiny", "vit_b", pytest.param("vit_l", marks=pytest.mark.slow),
-          pytest.param("vit_h", marks=pytest.mark.slow)]
+MODELS = ["tiny", pytest.param("vit_b", marks=pytest.mark.full)]
 
 # Acceptance tolerances (issue: core parity), each the measure of the full fp32 computation:
 # image embedding and low-res logits: max abs error <= 1e-4 x std of the reference (a ViT-B forward
@@ -114,9 +112,9 @@ def test_image_encoder(encoded, ref):
 
 
 def test_image_encoder_staged(encoded, ref):
-    """The encoder as SamPredictor runs it (`functional.encode_staged`: on CPU a chain of stages,
+    """The encoder as SamPredictor runs it on CPU (`backend.encode_staged`: a chain of stages,
     each its own executable with its own XLA options) against the official encoder."""
-    from sam_jax.functional import encode_staged
+    from sam_jax.backend import encode_staged
 
     img, want, _ = encoded
     s = ref.model.config.image_size
@@ -126,6 +124,7 @@ def test_image_encoder_staged(encoded, ref):
     assert err <= EMBED_TOL
 
 
+@pytest.mark.full  # ~6 CPU-s on tiny: the encoder compiled again (the GPU attention path)
 def test_image_encoder_dot_product_attention(encoded, ref):
     """attention_impl="dot_product_attention" (`jax.nn.dot_product_attention` with the relative
     positions as a dense bias: cuDNN's fused attention on GPUs) against the official encoder."""
@@ -148,12 +147,12 @@ def test_attention_impl_is_checked():
                    method=sam_jax.Sam.encode_image)
 
 
-def test_fused_attention_backend(monkeypatch):
+def test_fused_attention_kernel(monkeypatch):
     """cuDNN is asked for only where it takes the inputs: left to choose, JAX ran XLA's attention
     with the rel-pos bias on an H100 (1.35x slower for vit_h at batch 8); elsewhere JAX chooses."""
     from types import SimpleNamespace
 
-    from sam_jax.modeling.image_encoder import fused_attention_backend as pick
+    from sam_jax.backend import fused_attention_kernel as pick
 
     assert pick(jnp.bfloat16, 64) is None  # this CPU
     cuda = SimpleNamespace(platform="gpu", client=SimpleNamespace(platform_version="cuda 13000"))
@@ -191,8 +190,9 @@ def test_prompt_encoder(ref, case_name):
         np.testing.assert_array_equal(np.asarray(got_dense), want_dense)
 
 
-@pytest.mark.parametrize("context", [False, True], ids=["plain", "image_context"])
-@pytest.mark.parametrize("multimask", [True, False])
+# image_context doubles the cases (~35 CPU-s on tiny): the daily tier keeps the plain ones.
+@pytest.mark.parametrize("context", [False, pytest.param(True, marks=pytest.mark.full)], ids=["plain", "image_context"])
+@pytest.mark.parametrize("multimask", [True, pytest.param(False, marks=pytest.mark.full)])  # ~20 CPU-s on tiny
 @pytest.mark.parametrize("case_name", list(prompt_cases(64)))
 def test_mask_decoder(encoded, ref, case_name, multimask, context):
     """Decoder stage alone: both sides decode the SAME (reference) image embedding. With
@@ -280,3 +280,14 @@ def test_end_to_end(ref, size, encoded):
     assert err <= LOGIT_TOL
     assert iou_err <= IOU_TOL
     assert flipped == 0
+
+
+@pytest.mark.parametrize("ref", [pytest.param("vit_l", marks=pytest.mark.full),
+                                 pytest.param("vit_h", marks=pytest.mark.full)], indirect=True)
+def test_larger_sizes(encoded, ref):
+    """vit_l and vit_h, once each, through the real converter: the image embedding, then the
+    decoder on every prompt case. The other stages run the same code at every size and are checked
+    on tiny and vit_b above; repeating them here would cost minutes of encoder forwards per size."""
+    test_image_encoder(encoded, ref)
+    for case_name in prompt_cases(64):
+        test_mask_decoder(encoded, ref, case_name, multimask=True, context=False)

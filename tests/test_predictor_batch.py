@@ -45,6 +45,7 @@ def assert_close(got, want, conf_logits=None):
         assert np.array_equal(masks[conf] > 0, w_masks[conf] > 0)
 
 
+@pytest.mark.full  # ~8 CPU-s; batching is checked in the daily tier by the tests below
 def test_64_boxes_equal_64_single_calls(pred):
     boxes = random_boxes(np.random.default_rng(0), 64)
     got = pred.predict_batch(boxes=boxes)
@@ -54,6 +55,7 @@ def test_64_boxes_equal_64_single_calls(pred):
     assert_close(got, [np.stack(x) for x in zip(*singles)], logits)
 
 
+@pytest.mark.full  # ~10 CPU-s: a second chunk size compiled
 def test_more_prompts_than_one_chunk(pred):
     n = F.MAX_PROMPTS_PER_CALL + 6  # two chunks, the second padded to 8
     boxes = random_boxes(np.random.default_rng(1), n)
@@ -63,6 +65,7 @@ def test_more_prompts_than_one_chunk(pred):
     assert_close(tuple(x[-8:] for x in got), want, want[0])
 
 
+@pytest.mark.full  # ~17 CPU-s: every prompt shape compiled
 def test_ragged_points_boxes_and_masks_equal_single_calls(pred):
     rng = np.random.default_rng(2)
     counts = [1, 5, 17, 2]  # 17 points: the 64-slot bucket for the whole batch

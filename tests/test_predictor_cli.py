@@ -66,6 +66,7 @@ def test_points_round_trip(tiny, photo_path, tmp_path):
     assert not np.array_equal(np.asarray(overlay), PHOTO)  # something was drawn
 
 
+@pytest.mark.full  # ~9 CPU-s: a fresh process; the daily tier runs the CLI once (points)
 def test_boxes_single_text_output(tiny, photo_path, tmp_path):
     out = tmp_path / "out"
     r = run_cli(photo_path, "--weights", tiny.weights, "--box", "10,10,120,100", "--box", "50,20,220,140",
@@ -77,6 +78,7 @@ def test_boxes_single_text_output(tiny, photo_path, tmp_path):
     assert sorted(os.listdir(out)) == ["mask_0_0.png", "mask_1_0.png", "overlay.png"]
 
 
+@pytest.mark.full  # ~9 CPU-s: a fresh process; the daily tier runs the CLI once (points)
 def test_exif_orientation_applied(tiny, tmp_path):
     """A JPEG stored landscape with orientation 6 (rotate 90 degrees clockwise) is a portrait."""
     path = str(tmp_path / "rotated.jpg")

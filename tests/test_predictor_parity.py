@@ -17,8 +17,8 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from conftest import COMPILE_EVENTS, count_compilations
 from sam_jax import SamPredictor
+from tests.compilations import COMPILE_EVENTS, count_compilations
 
 LOGIT_TOL = 1e-4  # x std(reference logits)
 IOU_TOL = 1e-5

@@ -19,6 +19,7 @@ def _leaves(state):
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(state)]
 
 
+@pytest.mark.full  # ~35 CPU-s: a training run, stopped and resumed
 def test_resume_is_bitwise_equal(tiny, tmp_path):
     model, params = tiny.model, tiny.params
     s, g = model.config.image_size, model.config.embedding_size
@@ -31,7 +32,8 @@ def test_resume_is_bitwise_equal(tiny, tmp_path):
     rs = np.random.RandomState(0)
     emb = jnp.asarray(rs.randn(N, 2, g, g, model.config.prompt_embed_dim).astype(np.float32))
     yy, xx = np.mgrid[:s, :s]
-    masks = jnp.asarray(np.stack([[(xx - 40 - 10 * t) ** 2 + (yy - 70) ** 2 < 900, np.abs(xx - 100) + np.abs(yy - 60) < 30 + t]
+    masks = jnp.asarray(np.stack([[(xx - 40 - 10 * t) ** 2 + (yy - 70) ** 2 < 900,
+                                   np.abs(xx - 100) + np.abs(yy - 60) < 30 + t]
                                   for t in range(N)])[:, None].repeat(2, 1))  # (N, B=2, K=2, S, S)
     base = jax.random.PRNGKey(42)
 

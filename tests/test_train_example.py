@@ -28,6 +28,7 @@ def _run(argv):
     return main(argv)
 
 
+@pytest.mark.full  # the example's training loop (~45 CPU-s)
 def test_synthetic_stop_and_resume(tmp_path, tiny):
     """A run stopped at step 2 (after its checkpoint) and resumed: the history continues, the
     outputs are written once the last step is done."""
@@ -49,6 +50,7 @@ def test_synthetic_stop_and_resume(tmp_path, tiny):
     assert model.config == sam_jax.get_config("tiny")
 
 
+@pytest.mark.full  # the example's training loop (~20 CPU-s)
 def test_folder_data(tmp_path, tiny):
     """A folder of non-square images with label PNGs. (LoRA / full fine-tuning through the same
     step are tested in test_train_step; merging LoRA before export in test_train_export.)"""
@@ -63,13 +65,15 @@ def test_folder_data(tmp_path, tiny):
             labels[m] = j + 1
         Image.fromarray(labels[:, :100]).save(tmp_path / "masks" / f"im{i}.png")
     out = tmp_path / "run"
-    hist = _run(COMMON + ["--weights", tiny.weights, "--images", str(tmp_path / "images"), "--masks", str(tmp_path / "masks"),
+    hist = _run(COMMON + ["--weights", tiny.weights, "--images", str(tmp_path / "images"),
+                          "--masks", str(tmp_path / "masks"),
                           "--steps", "2", "--val-fraction", "0.25", "--out", str(out), "--no-plots"])
     assert len(hist["loss"]) == 2 and np.isfinite(hist["loss"]).all()
     model, _ = sam_jax.load(out / "params.safetensors")
     assert model.config == sam_jax.get_config("tiny")
 
 
+@pytest.mark.full  # the example's training loop, encoder trained (~50 CPU-s)
 def test_scratch_config_trains_encoder_on_augmented_images(tmp_path):
     """The CPU from-scratch recipe's path: a SCRATCH_CONFIGS model, the encoder in the gradient,
     first points inside the masks (--point-margin), images drawn by mask count (--sample-by mask),

@@ -28,10 +28,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from convert.official import export_state_dict, torch_key
-from sam_jax.io import flatten_params
-from reference import to_nchw
+from sam_jax.checkpoints import flatten_params
+from sam_jax.checkpoints.official import export_state_dict, torch_key
 from sam_jax.train import LossConfig, add_lora, decode_loss, merge_lora, param_labels
+from tests.reference import to_nchw
 
 GRAD_TOL = 1e-4
 # Tiny only: its mask-downscaling LayerNorm2d normalises mask_in_chans // 4 = 2 channels, where
@@ -214,7 +214,10 @@ def assert_within(errs):
     assert not bad, bad
 
 
-@pytest.mark.parametrize("box_and_mask,multimask", [(True, True), (True, False), (False, False)])
+# The daily tier keeps points alone; box + mask input adds ~25 CPU-s per case.
+@pytest.mark.parametrize("box_and_mask,multimask", [pytest.param(True, True, marks=pytest.mark.full),
+                                                    pytest.param(True, False, marks=pytest.mark.full),
+                                                    (False, False)])
 def test_decoder_grads_tiny(tiny, box_and_mask, multimask):
     """Points + box + mask input, multimask on and off; and points alone (the "not a point"
     padding token, no_mask_embed), single-mask output."""
@@ -247,6 +250,7 @@ def _encoder_case(ref):
 
 
 @pytest.mark.parametrize("multimask", [True])
+@pytest.mark.full  # ~35 CPU-s: the encoder's backward, torch and JAX
 def test_full_model_grads_tiny(tiny, multimask):
     """encoder='full': the image encoder's gradients too (tiny only: the vit_b backward is slow)."""
     x, case = _encoder_case(tiny)
@@ -278,6 +282,7 @@ def test_full_model_grads_tiny(tiny, multimask):
     assert_within(errs)
 
 
+@pytest.mark.full  # ~20 CPU-s: the encoder's backward with LoRA, torch and JAX
 def test_lora_grads_tiny(tiny):
     """LoRA (qwix) on the encoder's qkv/proj: forward = official model with W + A B alpha/r
     merged in; dL/dA = s G B^T and dL/dB = s A^T G from torch's kernel gradient G (in, out)."""
@@ -291,12 +296,12 @@ def test_lora_grads_tiny(tiny):
     for k in flat:
         if k.endswith("kernel_lora_b"):
             flat[k] = jnp.asarray(rs.randn(*flat[k].shape).astype(np.float32) * 0.1)
-    from sam_jax.io import unflatten_params
+    from sam_jax.checkpoints import unflatten_params
 
     params = unflatten_params(flat)
     merged = merge_lora(params, alpha)
     tm = copy.deepcopy(tiny.torch_model)
-    tm.load_state_dict({k: torch.from_numpy(v) for k, v in export_state_dict(merged).items()}, strict=True)
+    tm.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in export_state_dict(merged).items()}, strict=True)
     tm.zero_grad(set_to_none=True)
     loss_ref, _, _ = torch_forward(tm, tm.image_encoder(to_nchw(x)), case, True)
     loss_ref.backward()
@@ -314,7 +319,8 @@ def test_lora_grads_tiny(tiny):
         mod = k.rsplit("/", 1)[0]
         b = np.asarray(flat[mod + "/kernel_lora_b"], np.float64)
         g_w = tm.get_parameter(torch_key(mod + "/kernel")).grad.numpy().T.astype(np.float64)  # (in, out)
-        for leaf, want in (("kernel_lora_a", scale * g_w @ b.T), ("kernel_lora_b", scale * np.asarray(a, np.float64).T @ g_w)):
+        for leaf, want in (("kernel_lora_a", scale * g_w @ b.T),
+                           ("kernel_lora_b", scale * np.asarray(a, np.float64).T @ g_w)):
             got = np.asarray(gflat[f"{mod}/{leaf}"], np.float64)
             errs[f"{torch_key(mod + '/kernel')}.{leaf}"] = float(np.abs(got - want).max() / np.abs(want).max())
     assert len(errs) == 2 * 2 * tiny.model.config.encoder_depth  # qkv and proj of every block

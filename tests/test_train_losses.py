@@ -65,6 +65,7 @@ def _three_masks(s=32):
     return jnp.asarray(logits, jnp.float32), jnp.asarray(gt[None])
 
 
+@pytest.mark.full  # ~8 CPU-s: the decoder's gradient compiled
 def test_only_lowest_loss_mask_gets_mask_gradient_and_iou_head_all():
     logits, gt = _three_masks()
     iou_pred = jnp.array([[0.3, 0.6, 0.1]])

@@ -23,13 +23,13 @@ def _masks(s=64):
 def test_foreground_points_inside_and_deterministic():
     m = _masks()
     for seed in range(5):
-        c, l = sample_foreground_points(jax.random.PRNGKey(seed), jnp.asarray(m))
-        c, l = np.asarray(c), np.asarray(l)
-        assert c.shape == (3, 1, 2) and l.shape == (3, 1)
+        c, lab = sample_foreground_points(jax.random.PRNGKey(seed), jnp.asarray(m))
+        c, lab = np.asarray(c), np.asarray(lab)
+        assert c.shape == (3, 1, 2) and lab.shape == (3, 1)
         for i in range(2):
             x, y = c[i, 0].astype(int)
-            assert m[i, y, x] and l[i, 0] == 1
-        assert l[2, 0] == PAD_LABEL  # empty mask: no point
+            assert m[i, y, x] and lab[i, 0] == 1
+        assert lab[2, 0] == PAD_LABEL  # empty mask: no point
     c1 = sample_foreground_points(jax.random.PRNGKey(0), jnp.asarray(m))[0]
     c2 = sample_foreground_points(jax.random.PRNGKey(0), jnp.asarray(m))[0]
     c3 = sample_foreground_points(jax.random.PRNGKey(1), jnp.asarray(m))[0]
@@ -90,14 +90,14 @@ def test_corrective_points_labels_and_uniformity():
     pred[0, :, 4:20] = True  # missed: columns 0..3 (4 px wide); wrong: columns 16..19 (4 wide)
     pred[0, :, 20:24] = True  # wrong region now 8 columns: 2/3 of the errors are negatives
     keys = jax.random.split(jax.random.PRNGKey(0), 3000)
-    c, l = jax.vmap(lambda k: sample_corrective_points(k, jnp.asarray(pred), jnp.asarray(gt)))(keys)
-    c, l = np.asarray(c)[:, 0], np.asarray(l)[:, 0]
+    c, lab = jax.vmap(lambda k: sample_corrective_points(k, jnp.asarray(pred), jnp.asarray(gt)))(keys)
+    c, lab = np.asarray(c)[:, 0], np.asarray(lab)[:, 0]
     x = c[:, 0].astype(int)
-    assert np.all(np.where(l == 1, x < 4, (x >= 16) & (x < 24)))
+    assert np.all(np.where(lab == 1, x < 4, (x >= 16) & (x < 24)))
     # Uniform over the error region: P(negative) = 8 / 12; 3000 draws give a std of 0.009.
-    assert abs(np.mean(l == 0) - 2 / 3) < 0.04
-    c, l = sample_corrective_points(jax.random.PRNGKey(0), jnp.asarray(gt), jnp.asarray(gt))
-    assert int(l[0]) == PAD_LABEL  # perfect prediction: no point
+    assert abs(np.mean(lab == 0) - 2 / 3) < 0.04
+    c, lab = sample_corrective_points(jax.random.PRNGKey(0), jnp.asarray(gt), jnp.asarray(gt))
+    assert int(lab[0]) == PAD_LABEL  # perfect prediction: no point
 
 
 @pytest.mark.parametrize("n,k", [(10, 2), (3, 1), (4, 0), (2, 3)])
@@ -132,6 +132,7 @@ def _episode_inputs(tiny):
     return model, params, emb, gt
 
 
+@pytest.mark.full  # ~10 CPU-s: a multi-round episode compiled
 def test_episode_is_a_function_of_the_key(tiny):
     model, params, emb, gt = _episode_inputs(tiny)
     cfg = PromptConfig(corrective_points=1, no_point_rounds=1, box_prob=0.5)
@@ -148,6 +149,7 @@ def test_episode_is_a_function_of_the_key(tiny):
         assert 0.0 <= float(m["iou_first"]) <= 1.0
 
 
+@pytest.mark.full  # ~50 CPU-s: two multi-round backward passes compiled
 def test_remat_rounds_same_gradient_less_memory(tiny):
     """remat_rounds recomputes each later round in the backward pass: the loss and the gradient
     are those of the plain episode, and the compiled step keeps fewer activations."""

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import sam_jax
-from sam_jax.io import flatten_params
+from sam_jax.checkpoints import flatten_params
 from sam_jax.train import (PromptConfig, TrainConfig, TrainState, add_lora, make_optimizer,
                            make_train_step, param_labels)
 
@@ -79,6 +79,7 @@ def test_frozen_encoder_unchanged_and_stateless(setup, frozen_step):
     assert int(state.step) == 2
 
 
+@pytest.mark.full  # ~15 CPU-s: the encoder and a second train step (embeddings in) compiled
 def test_cached_embeddings_equal_images_path(setup, frozen_step):
     model, params, images, masks = setup
     tx, step = frozen_step
@@ -93,6 +94,7 @@ def test_cached_embeddings_equal_images_path(setup, frozen_step):
         assert abs(float(m1[k]) - float(m2[k])) <= 1e-5 * abs(float(m1[k])), k
 
 
+@pytest.mark.full  # ~50 CPU-s: the encoder's backward compiled, twice (full, LoRA)
 def test_full_and_lora_modes(setup, full_step):
     pytest.importorskip("qwix")
     model, params, images, masks = setup
@@ -127,6 +129,7 @@ def test_full_and_lora_modes(setup, full_step):
     assert n_lora == 4 * model.config.encoder_depth  # A and B on qkv and proj of each block
 
 
+@pytest.mark.full  # ~30 CPU-s: another encoder-training step compiled
 def test_bf16_and_remat(setup, full_step):
     """bf16 compute with rematerialised encoder blocks, encoder trained: fp32 params and state,
     a loss close to the fp32 one."""
@@ -142,6 +145,7 @@ def test_bf16_and_remat(setup, full_step):
     assert float(m16["grad_norm"]) > 0
 
 
+@pytest.mark.full  # ~20 CPU-s: 25 steps, with the embeddings-in step compiled
 def test_fits_a_fixed_batch(setup, frozen_step):
     model, params, images, masks = setup
     emb = model.apply({"params": params}, images, method=sam_jax.Sam.encode_image)

@@ -2,6 +2,7 @@
 
 Default init leaves pos_embed and rel_pos at 0 and norms at 1/0, which hides whole classes of bugs,
 so every floating tensor of the state_dict is refilled before the model is saved and converted.
+Imported as `tests.reference` by the tests and by bench/ (both from the repository root).
 """
 
 from __future__ import annotations
@@ -9,16 +10,15 @@ from __future__ import annotations
 import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-STANDIN = os.path.join(HERE, "torchvision_standin")
-if STANDIN not in sys.path:
-    sys.path.insert(0, STANDIN)  # before segment_anything imports torchvision
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from sam_jax.config import PIXEL_MEAN, PIXEL_STD, SamConfig
+from tests import STANDIN  # noqa: F401  (the torchvision stand-in, already first on sys.path)
 
-from sam_jax.config import PIXEL_MEAN, PIXEL_STD, SamConfig  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+torch.set_num_threads(os.cpu_count() or 1)
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 
@@ -116,6 +116,13 @@ def count_params_without_torch(path: str) -> int:
         "print(sam_jax.count_params(params))\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       cwd=os.path.dirname(HERE), timeout=300)
+                       cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
     return int(r.stdout.strip())
+
+
+def max_rel_err(got, ref) -> float:
+    """max |got - ref| / std(ref): the error measure of the parity tolerances."""
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    return float(np.max(np.abs(got - ref)) / np.std(ref))
