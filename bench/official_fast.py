@@ -13,7 +13,7 @@ model, unchanged in its weights, three standard speed-ups, each optional:
   * compile: `torch.compile` of the image encoder (the FLOPs are there; the prompt encoder and
     mask decoder are small and shape-polymorphic in the predictor).
 
-The SDPA forward is checked against the official one in tests/test_bench_official_fast.py, so a
+The SDPA forward is checked against the official one in tests/bench/test_official_fast.py, so a
 speed-up measured against it is a speed-up against the same function.
 """
 

@@ -197,9 +197,9 @@ def check_batch_points(coords: Any, labels: Any, size: Tuple[int, int]) -> List[
     if not pairs:
         raise ValueError("point_coords holds no prompts (B = 0)")
     out = []
-    for i, (c, l) in enumerate(pairs):
+    for i, (c, lab) in enumerate(pairs):
         try:
-            out.append(check_points(c, l, size, allowed))
+            out.append(check_points(c, lab, size, allowed))
         except (ValueError, TypeError) as e:
             raise type(e)(f"prompt {i}: {e}") from None
     return out

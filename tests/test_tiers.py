@@ -47,7 +47,8 @@ def test_full_size_parameters_are_classified(request):
 def test_collects_without_torch():
     """conftest, and every test module that does not import torch, the official model or the
     reference helpers, collect in an interpreter where importing torch fails."""
-    files = sorted(f.name for f in pathlib.Path(HERE).glob("test_*.py") if not USES_TORCH.search(f.read_text()))
+    files = sorted(str(f.relative_to(HERE)) for f in pathlib.Path(HERE).rglob("test_*.py")
+                   if not USES_TORCH.search(f.read_text()))
     assert "test_tiers.py" in files and len(files) > 5, files
     paths = [os.path.join("tests", f) for f in files]
     r = subprocess.run([sys.executable, "-c", BLOCK_TORCH, "-m", "not full", *paths], capture_output=True,

@@ -68,7 +68,7 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: jax.Array) -> jax.Array:
 # bias, which on a CUDA GPU runs cuDNN's fused attention for bf16 / fp16 compute (see
 # `backend.fused_attention_kernel`; the bias holds heads x N x N values per image: 16 x 4096 x
 # 4096, 0.5 GB in bf16, for a vit_h global block). Both give the same embeddings up to float
-# rounding (tests/test_parity.py).
+# rounding (tests/modeling/test_parity.py).
 ATTENTION_IMPLS = ("chunked", "dot_product_attention")
 
 

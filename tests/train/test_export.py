@@ -13,7 +13,7 @@ from convert.__main__ import main as convert_main
 from sam_jax.checkpoints import ConversionError, export_pth, export_state_dict, flatten_params, unflatten_params
 from tests.reference import max_rel_err, official_sam, to_nchw
 
-# The core parity tolerances (tests/test_parity.py): low-res logits max abs error <= 1e-4 x std of
+# The core parity tolerances (tests/modeling/test_parity.py): low-res logits max abs error <= 1e-4 x std of
 # the reference, IoU predictions <= 1e-5 absolute.
 LOGIT_TOL = 1e-4
 IOU_TOL = 1e-5

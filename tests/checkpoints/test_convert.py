@@ -15,7 +15,7 @@ import sam_jax
 from convert import ConversionError, convert_state_dict, detect_config, export_state_dict, plan_conversion
 from tests.reference import count_params_without_torch, official_sam
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def run_cli(*args, module="convert"):

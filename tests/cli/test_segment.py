@@ -16,7 +16,7 @@ from PIL import Image
 from sam_jax import SamPredictor
 from sam_jax.cli import main as cli_main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PHOTO = np.ascontiguousarray(skimage.data.chelsea()[::2, ::2])  # 150 x 226
 H, W = PHOTO.shape[:2]
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 import sam_jax
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples")
 sys.path.insert(0, EXAMPLES)
 
 # One-round episodes: compiling the step dominates these runs (the interactive rounds are tested
