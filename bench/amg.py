@@ -47,8 +47,9 @@ SIDES = ("official", "sam_jax")
 ROWS = ("generate", "from embedding")
 
 
-def child(side: str, row: str, workdir: str, image_name: str, repeats: int, device: str = "cpu",
-          official_mode: str = "eager") -> Dict[str, Any]:
+def child(
+    side: str, row: str, workdir: str, image_name: str, repeats: int, device: str = "cpu", official_mode: str = "eager"
+) -> Dict[str, Any]:
     """One (side, row) measurement in this process; returns times and the process's peak RSS."""
     import numpy as np
 
@@ -107,8 +108,15 @@ def child(side: str, row: str, workdir: str, image_name: str, repeats: int, devi
             t0 = time.perf_counter()
             n = len(run())
             times.append(time.perf_counter() - t0)
-    return {"side": side, "row": row, "masks": n, "times_s": times, "median_s": statistics.median(times),
-            "first_call_s": first, "peak_rss_mb": peak_rss_mb()}
+    return {
+        "side": side,
+        "row": row,
+        "masks": n,
+        "times_s": times,
+        "median_s": statistics.median(times),
+        "first_call_s": first,
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def prepare(model_type: str, image_name: str, workdir: str) -> None:
@@ -140,8 +148,22 @@ def prepare(model_type: str, image_name: str, workdir: str) -> None:
 
 def run_child(side: str, row: str, workdir: str, args) -> Dict[str, Any]:
     load_before = os.getloadavg()
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", side, row, workdir, "--image", args.image,
-           "--repeats", str(args.repeats), "--device", args.device, "--official-mode", args.official_mode]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        side,
+        row,
+        workdir,
+        "--image",
+        args.image,
+        "--repeats",
+        str(args.repeats),
+        "--device",
+        args.device,
+        "--official-mode",
+        args.official_mode,
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{side} / {row} failed:\n{out.stderr[-4000:]}")
@@ -152,31 +174,42 @@ def run_child(side: str, row: str, workdir: str, args) -> Dict[str, Any]:
 
 def print_table(results: List[Dict[str, Any]]) -> None:
     by = {(r["side"], r["row"]): r for r in results}
-    head = (f"{'row':<16} {'official s':>10} {'sam_jax s':>10} {'ratio':>6} {'sam_jax 1st s':>13} "
-            f"{'official MB':>11} {'sam_jax MB':>10} {'masks':>11}")
+    head = (
+        f"{'row':<16} {'official s':>10} {'sam_jax s':>10} {'ratio':>6} {'sam_jax 1st s':>13} "
+        f"{'official MB':>11} {'sam_jax MB':>10} {'masks':>11}"
+    )
     print(head)
     print("-" * len(head))
     for row in ROWS:
         o, j = by.get(("official", row)), by.get(("sam_jax", row))
         if not (o and j):
             continue
-        print(f"{row:<16} {o['median_s']:>10.1f} {j['median_s']:>10.1f} {j['median_s'] / o['median_s']:>6.3f} "
-              f"{j['first_call_s']:>13.1f} {o['peak_rss_mb']:>11.0f} {j['peak_rss_mb']:>10.0f} "
-              f"{o['masks']:>5d}/{j['masks']:<5d}")
+        print(
+            f"{row:<16} {o['median_s']:>10.1f} {j['median_s']:>10.1f} {j['median_s'] / o['median_s']:>6.3f} "
+            f"{j['first_call_s']:>13.1f} {o['peak_rss_mb']:>11.0f} {j['peak_rss_mb']:>10.0f} "
+            f"{o['masks']:>5d}/{j['masks']:<5d}"
+        )
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "tiny"],
-                   help="tiny: a smoke test of the script (seconds), not a benchmark")
+    p.add_argument(
+        "--model",
+        default="vit_b",
+        choices=["vit_b", "vit_l", "vit_h", "tiny"],
+        help="tiny: a smoke test of the script (seconds), not a benchmark",
+    )
     p.add_argument("--image", default="coffee", help="a skimage.data photo name (default coffee, 400x600)")
     p.add_argument("--repeats", type=int, default=1, help="timed calls per (side, row) after sam_jax's first")
     p.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
     p.add_argument("--json", default=os.path.join(ROOT, "bench", "amg_results.json"))
     p.add_argument("--device", help="torch device of the official model (default: cuda when available)")
-    p.add_argument("--official-mode", choices=("eager", "fast"),
-                   help="eager: fp32 as shipped; fast: SDPA + bf16 autocast + torch.compile in the image "
-                        "encoder (bench/official_fast.py). Default: fast on cuda, else eager")
+    p.add_argument(
+        "--official-mode",
+        choices=("eager", "fast"),
+        help="eager: fp32 as shipped; fast: SDPA + bf16 autocast + torch.compile in the image "
+        "encoder (bench/official_fast.py). Default: fast on cuda, else eager",
+    )
     p.add_argument("--child", nargs=3, metavar=("SIDE", "ROW", "WORKDIR"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.device is None or args.official_mode is None:
@@ -196,16 +229,28 @@ def main(argv=None) -> int:
             for side in SIDES:
                 r = run_child(side, row, d, args)
                 results.append(r)
-                print(f"  {side:>8} / {row}: {r['median_s']:.1f} s, peak {r['peak_rss_mb']:.0f} MB, "
-                      f"{r['masks']} masks, load {r['load_before'][0]:.1f} -> {r['load_after'][0]:.1f}", flush=True)
+                print(
+                    f"  {side:>8} / {row}: {r['median_s']:.1f} s, peak {r['peak_rss_mb']:.0f} MB, "
+                    f"{r['masks']} masks, load {r['load_before'][0]:.1f} -> {r['load_after'][0]:.1f}",
+                    flush=True,
+                )
     print_table(results)
     import jax
     import torch
 
-    meta = {"model": args.model, "image": args.image, "image_shape": list(load_image(args.image).shape),
-            "repeats": args.repeats, "device": args.device, "official_mode": args.official_mode,
-            "cpu_count": os.cpu_count(), "jax": jax.__version__, "torch": torch.__version__,
-            "machine": platform.platform(), "results": results}
+    meta = {
+        "model": args.model,
+        "image": args.image,
+        "image_shape": list(load_image(args.image).shape),
+        "repeats": args.repeats,
+        "device": args.device,
+        "official_mode": args.official_mode,
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "torch": torch.__version__,
+        "machine": platform.platform(),
+        "results": results,
+    }
     write_results(args.json, meta)
     return 0
 

@@ -34,7 +34,7 @@ def default_device() -> str:
 
 
 def default_mode(device: str) -> str:
-    """"fast" on CUDA; "eager" elsewhere (a CPU's bf16 is emulated: compiled bf16 is slower there)."""
+    """ "fast" on CUDA; "eager" elsewhere (a CPU's bf16 is emulated: compiled bf16 is slower there)."""
     return "fast" if torch.device(device).type == "cuda" else "eager"
 
 
@@ -49,15 +49,16 @@ class OfficialConfig:
 
     @classmethod
     def from_mode(cls, mode: str, device: str) -> "OfficialConfig":
-        """"eager": fp32 as the official code ships; "fast": SDPA + bf16 autocast + torch.compile."""
+        """ "eager": fp32 as the official code ships; "fast": SDPA + bf16 autocast + torch.compile."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         fast = mode == "fast"
         return cls(device=device, sdpa=fast, bf16=fast, compile=fast)
 
     def describe(self) -> str:
-        parts = [p for p, on in (("SDPA", self.sdpa), ("bf16 autocast", self.bf16),
-                                 ("torch.compile", self.compile)) if on]
+        parts = [
+            p for p, on in (("SDPA", self.sdpa), ("bf16 autocast", self.bf16), ("torch.compile", self.compile)) if on
+        ]
         return f"{self.device}, " + (" + ".join(parts) if parts else "eager fp32")
 
 
@@ -145,4 +146,4 @@ def torch_matmul_tflops(device: str, n: int = 8192, repeats: int = 10) -> float:
     for _ in range(repeats):
         a @ b
     synchronize(device)
-    return 2 * n ** 3 * repeats / (time.perf_counter() - t0) / 1e12
+    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e12

@@ -47,8 +47,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run as a script: the repository root, for bench/ and tests.reference
 
 from bench.common import load_image, peak_rss_mb, write_results  # noqa: E402
-from bench.official_fast import (MODES, OfficialConfig, configure_official, default_device, default_mode,  # noqa: E402
-                                 synchronize, torch_matmul_tflops)
+from bench.official_fast import (  # noqa: E402
+    MODES,
+    OfficialConfig,
+    configure_official,
+    default_device,
+    default_mode,  # noqa: E402
+    synchronize,
+    torch_matmul_tflops,
+)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -73,10 +80,12 @@ class Context:
 
     def sync(self, fn: Callable[[], Any]) -> Callable[[], Any]:
         """fn, returning only when the official model's queued device work has finished."""
+
         def run():
             out = fn()
             synchronize(self.official_config.device)
             return out
+
         return run
 
 
@@ -94,17 +103,18 @@ GPU_ROWS = ("encoder batch",)  # run by default only on a CUDA device (minutes p
 def row(name: str):
     """Registers a row factory: ctx -> Row(official=..., ours=...). Each callable does one timed
     operation and returns only when its result is computed (sam_jax: blocked until ready)."""
+
     def register(make: Callable[[Context], Row]) -> Callable[[Context], Row]:
         ROWS[name] = make
         return make
+
     return register
 
 
 @row("set_image")
 def _set_image(ctx: Context) -> Row:
     # Both return once the embedding is computed (sam_jax's set_image blocks; torch is synced).
-    return Row("set_image", ctx.sync(lambda: ctx.official.set_image(ctx.image)),
-               lambda: ctx.ours.set_image(ctx.image))
+    return Row("set_image", ctx.sync(lambda: ctx.official.set_image(ctx.image)), lambda: ctx.ours.set_image(ctx.image))
 
 
 def _encoder_row(ctx: Context, name: str, dtype: Any, batch: int = 1, attention_impl: str = "chunked") -> Row:
@@ -124,8 +134,11 @@ def _encoder_row(ctx: Context, name: str, dtype: Any, batch: int = 1, attention_
         with torch.no_grad():
             return ctx.official.model.image_encoder(x_t)
 
-    encode = ((lambda p, x: backend.encode_staged(model, p, x)) if backend.staging_pays() else
-              jax.jit(lambda p, x: model.apply({"params": p}, x, method=sam_jax.Sam.encode_image)))
+    encode = (
+        (lambda p, x: backend.encode_staged(model, p, x))
+        if backend.staging_pays()
+        else jax.jit(lambda p, x: model.apply({"params": p}, x, method=sam_jax.Sam.encode_image))
+    )
     return Row(name, ctx.sync(official), lambda: jax.block_until_ready(encode(ctx.ours.params, x)))
 
 
@@ -149,8 +162,9 @@ def _encoder_batch(ctx: Context) -> Row:
     import jax.numpy as jnp
 
     gpu = jax.default_backend() != "cpu"
-    return _encoder_row(ctx, "encoder batch", jnp.bfloat16 if gpu else None, ctx.batch,
-                        "dot_product_attention" if gpu else "chunked")
+    return _encoder_row(
+        ctx, "encoder batch", jnp.bfloat16 if gpu else None, ctx.batch, "dot_product_attention" if gpu else "chunked"
+    )
 
 
 @row("predict 1 point")
@@ -158,8 +172,7 @@ def _predict_point(ctx: Context) -> Row:
     h, w = ctx.image.shape[:2]
     pts, labels = np.array([[w * 0.45, h * 0.55]]), np.array([1])
     # Multimask, full-size boolean masks: the official default call.
-    return Row("predict 1 point", lambda: ctx.official.predict(pts, labels),
-               lambda: ctx.ours.predict(pts, labels))
+    return Row("predict 1 point", lambda: ctx.official.predict(pts, labels), lambda: ctx.ours.predict(pts, labels))
 
 
 @row("predict 64 boxes")
@@ -170,8 +183,11 @@ def _predict_boxes(ctx: Context) -> Row:
     boxes_t = torch.as_tensor(ctx.official.transform.apply_boxes(boxes, (h, w)), dtype=torch.float)
     # Official: its batched predict_torch (boxes already in the model frame); ours: predict_batch.
     boxes_t = boxes_t.to(ctx.official.device)
-    return Row("predict 64 boxes", ctx.sync(lambda: ctx.official.predict_torch(None, None, boxes_t)),
-               lambda: ctx.ours.predict_batch(boxes=boxes))
+    return Row(
+        "predict 64 boxes",
+        ctx.sync(lambda: ctx.official.predict_torch(None, None, boxes_t)),
+        lambda: ctx.ours.predict_batch(boxes=boxes),
+    )
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -205,7 +221,7 @@ def encoder_flops(cfg: sam_jax.SamConfig, batch: int = 1) -> float:
             n, per_window = g * g, g * g
         else:
             side = -(-g // cfg.window_size) * cfg.window_size
-            n, per_window = side * side, cfg.window_size ** 2
+            n, per_window = side * side, cfg.window_size**2
         total += 2 * n * d * (4 * d + 2 * hidden) + 4 * n * per_window * d
     c = cfg.prompt_embed_dim
     total += 2 * g * g * (d * c + 9 * c * c)
@@ -226,7 +242,7 @@ def jax_matmul_tflops(n: int = 8192, repeats: int = 10) -> float:
     for _ in range(repeats):
         out = mm(a, b)
     out.block_until_ready()
-    return 2 * n ** 3 * repeats / (time.perf_counter() - t0) / 1e12
+    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e12
 
 
 def run_row(r: Row, repeats: int, settle: float, min_time: float = 0.0) -> Dict[str, Any]:
@@ -246,10 +262,18 @@ def run_row(r: Row, repeats: int, settle: float, min_time: float = 0.0) -> Dict[
     # "paired": the median over repeats of (sam_jax / the official call just before it), which a
     # drift in the machine's speed during the run (shared VMs) moves less than the medians' ratio.
     paired = statistics.median(j / o for o, j in zip(official, ours))
-    return {"name": r.name, "repeats": len(official), "official_s": med_o, "sam_jax_s": med_j, "ratio": med_j / med_o,
-            "paired_ratio": paired,
-            "sam_jax_first_call_s": first_ours, "official_first_call_s": first_official,
-            "official_all_s": official, "sam_jax_all_s": ours}
+    return {
+        "name": r.name,
+        "repeats": len(official),
+        "official_s": med_o,
+        "sam_jax_s": med_j,
+        "ratio": med_j / med_o,
+        "paired_ratio": paired,
+        "sam_jax_first_call_s": first_ours,
+        "official_first_call_s": first_official,
+        "official_all_s": official,
+        "sam_jax_all_s": ours,
+    }
 
 
 def memory_child(side: str, workdir: str, model_type: str, image_name: str) -> None:
@@ -275,21 +299,35 @@ def measure_memory(workdir: str, args) -> Dict[str, float]:
 
     out = {}
     for side in ("official", "sam_jax"):
-        cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", side, "--workdir", workdir,
-               "--model", args.model, "--image", args.image]
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--memory-child",
+            side,
+            "--workdir",
+            workdir,
+            "--model",
+            args.model,
+            "--image",
+            args.image,
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out[side] = json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_mb"]
     return out
 
 
 def print_table(results: List[Dict[str, Any]]) -> None:
-    head = (f"{'row':<20} {'n':>4} {'official s':>11} {'sam_jax s':>10} {'ratio':>7} {'paired':>7} "
-            f"{'sam_jax 1st call s':>19}")
+    head = (
+        f"{'row':<20} {'n':>4} {'official s':>11} {'sam_jax s':>10} {'ratio':>7} {'paired':>7} "
+        f"{'sam_jax 1st call s':>19}"
+    )
     print(head)
     print("-" * len(head))
     for r in results:
-        print(f"{r['name']:<20} {r['repeats']:>4} {r['official_s']:>11.4f} {r['sam_jax_s']:>10.4f} {r['ratio']:>7.3f} "
-              f"{r['paired_ratio']:>7.3f} {r['sam_jax_first_call_s']:>19.2f}")
+        print(
+            f"{r['name']:<20} {r['repeats']:>4} {r['official_s']:>11.4f} {r['sam_jax_s']:>10.4f} {r['ratio']:>7.3f} "
+            f"{r['paired_ratio']:>7.3f} {r['sam_jax_first_call_s']:>19.2f}"
+        )
 
 
 def main(argv=None) -> int:
@@ -297,28 +335,51 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="vit_b", choices=["vit_b", "vit_l", "vit_h"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--image", default="coffee", help="a skimage.data photo name (default coffee, 400x600)")
-    p.add_argument("--rows", nargs="*", help=f"subset of {list(ROWS)} (default: all, but "
-                   f"{list(GPU_ROWS)} only when --device is cuda)")
-    p.add_argument("--device", default=default_device(),
-                   help="torch device of the official model (default: cuda when available); sam_jax "
-                        "uses jax's default device")
-    p.add_argument("--official-mode", choices=MODES,
-                   help="eager: fp32 as shipped; fast: SDPA + bf16 autocast + torch.compile in the "
-                        "image encoder (bench/official_fast.py). Default: fast on cuda, else eager")
+    p.add_argument(
+        "--rows",
+        nargs="*",
+        help=f"subset of {list(ROWS)} (default: all, but {list(GPU_ROWS)} only when --device is cuda)",
+    )
+    p.add_argument(
+        "--device",
+        default=default_device(),
+        help="torch device of the official model (default: cuda when available); sam_jax uses jax's default device",
+    )
+    p.add_argument(
+        "--official-mode",
+        choices=MODES,
+        help="eager: fp32 as shipped; fast: SDPA + bf16 autocast + torch.compile in the "
+        "image encoder (bench/official_fast.py). Default: fast on cuda, else eager",
+    )
     p.add_argument("--batch", type=int, default=8, help="images per call in the 'encoder batch' row")
     p.add_argument("--json", default=os.path.join(ROOT, "bench", "predictor_results.json"))
-    p.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1,
-                   help="torch intra-op threads (default: all cores). On a busy machine torch's OpenMP "
-                        "barriers stall when a thread is descheduled: 1 thread is then the fairer baseline")
-    p.add_argument("--min-time", type=float, default=10.0,
-                   help="seconds each row keeps repeating for, past --repeats (default 10: fast rows "
-                        "such as predict 1 point get ~70 repeats, slow rows exactly --repeats)")
-    p.add_argument("--settle", type=float, default=0.0,
-                   help="seconds of idle before each timed call (default 0: back to back). A pause "
-                        "measures the first click after idle instead: on the 2-core VM both sides then "
-                        "slow down (predict 1 point: official 86 -> 89 ms, sam_jax 43 -> 56 ms)")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement (always "
-                   "skipped with --device cuda: it measures host memory)")
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="torch intra-op threads (default: all cores). On a busy machine torch's OpenMP "
+        "barriers stall when a thread is descheduled: 1 thread is then the fairer baseline",
+    )
+    p.add_argument(
+        "--min-time",
+        type=float,
+        default=10.0,
+        help="seconds each row keeps repeating for, past --repeats (default 10: fast rows "
+        "such as predict 1 point get ~70 repeats, slow rows exactly --repeats)",
+    )
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=0.0,
+        help="seconds of idle before each timed call (default 0: back to back). A pause "
+        "measures the first click after idle instead: on the 2-core VM both sides then "
+        "slow down (predict 1 point: official 86 -> 89 ms, sam_jax 43 -> 56 ms)",
+    )
+    p.add_argument(
+        "--no-memory",
+        action="store_true",
+        help="skip the peak-memory measurement (always skipped with --device cuda: it measures host memory)",
+    )
     p.add_argument("--memory-child", choices=["official", "sam_jax"], help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -347,8 +408,11 @@ def main(argv=None) -> int:
     ours.set_image(image)
     load_before = os.getloadavg()
     if load_before[0] > 0.5 * (os.cpu_count() or 1):
-        print(f"warning: load average {load_before[0]:.1f} on {os.cpu_count()} cores: other processes "
-              "compete for the CPU; torch's OpenMP threads suffer more from that than XLA's", flush=True)
+        print(
+            f"warning: load average {load_before[0]:.1f} on {os.cpu_count()} cores: other processes "
+            "compete for the CPU; torch's OpenMP threads suffer more from that than XLA's",
+            flush=True,
+        )
     results = []
     for name in args.rows:
         r = run_row(ROWS[name](ctx), args.repeats, args.settle, args.min_time)
@@ -360,31 +424,55 @@ def main(argv=None) -> int:
         # The encoder's rate against what a plain bf16 matmul reaches on the same devices.
         flops = encoder_flops(ours.model.config, args.batch)
         r = next(r for r in results if r["name"] == "encoder batch")
-        rates = {"encoder_gflop": flops / 1e9, "batch": args.batch,
-                 "official_tflops": flops / r["official_s"] / 1e12, "sam_jax_tflops": flops / r["sam_jax_s"] / 1e12}
-        line = (f"encoder batch {args.batch}: {flops / 1e12:.2f} TFLOP per call; official "
-                f"{rates['official_tflops']:.2f}, sam_jax {rates['sam_jax_tflops']:.2f} TFLOP/s")
+        rates = {
+            "encoder_gflop": flops / 1e9,
+            "batch": args.batch,
+            "official_tflops": flops / r["official_s"] / 1e12,
+            "sam_jax_tflops": flops / r["sam_jax_s"] / 1e12,
+        }
+        line = (
+            f"encoder batch {args.batch}: {flops / 1e12:.2f} TFLOP per call; official "
+            f"{rates['official_tflops']:.2f}, sam_jax {rates['sam_jax_tflops']:.2f} TFLOP/s"
+        )
         if jax.default_backend() != "cpu" and cuda:  # a CPU's bf16 matmul is emulated: no yardstick
             rates["jax_matmul_bf16_tflops"] = jax_matmul_tflops()
             rates["torch_matmul_bf16_tflops"] = torch_matmul_tflops(args.device)
             rates["sam_jax_share_of_matmul"] = rates["sam_jax_tflops"] / rates["jax_matmul_bf16_tflops"]
-            line += (f" = {100 * rates['sam_jax_share_of_matmul']:.0f}% of XLA's bf16 matmul rate "
-                     f"({rates['jax_matmul_bf16_tflops']:.0f}; torch's {rates['torch_matmul_bf16_tflops']:.0f})")
+            line += (
+                f" = {100 * rates['sam_jax_share_of_matmul']:.0f}% of XLA's bf16 matmul rate "
+                f"({rates['jax_matmul_bf16_tflops']:.0f}; torch's {rates['torch_matmul_bf16_tflops']:.0f})"
+            )
         print(line)
     memory = None
     if not args.no_memory and not cuda:  # host memory of CPU runs; on a GPU it would say little
         # Each side alone in a fresh process: peak RSS of load + set_image + one predict.
         memory = measure_memory(tmp.name, args)
-        print(f"peak memory (load + set_image + predict, own process): official {memory['official']:.0f} MB, "
-              f"sam_jax {memory['sam_jax']:.0f} MB")
+        print(
+            f"peak memory (load + set_image + predict, own process): official {memory['official']:.0f} MB, "
+            f"sam_jax {memory['sam_jax']:.0f} MB"
+        )
     tmp.cleanup()
-    meta = {"model": args.model, "image": args.image, "image_shape": list(image.shape),
-            "repeats": args.repeats, "min_time_s": args.min_time, "settle_s": args.settle,
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "jax": jax.__version__, "torch": torch.__version__, "jax_device": str(jax.devices()[0]),
-            "machine": platform.platform(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-            "official": official_config.describe(), "batch": args.batch, "encoder_rates": rates,
-            "rows": results, "peak_rss_mb": memory}
+    meta = {
+        "model": args.model,
+        "image": args.image,
+        "image_shape": list(image.shape),
+        "repeats": args.repeats,
+        "min_time_s": args.min_time,
+        "settle_s": args.settle,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "jax": jax.__version__,
+        "torch": torch.__version__,
+        "jax_device": str(jax.devices()[0]),
+        "machine": platform.platform(),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "official": official_config.describe(),
+        "batch": args.batch,
+        "encoder_rates": rates,
+        "rows": results,
+        "peak_rss_mb": memory,
+    }
     write_results(args.json, meta)
     return 0
 

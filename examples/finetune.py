@@ -53,13 +53,35 @@ from sam_jax.transforms import preprocess_padded  # noqa: E402
 # 8 tile the 16 x 16 embedding grid of a 256-pixel input exactly).
 SCRATCH_CONFIGS = {
     "small128": sam_jax.SamConfig(
-        encoder_embed_dim=128, encoder_depth=4, encoder_num_heads=4, encoder_global_attn_indexes=(1, 3),
-        image_size=128, patch_size=8, window_size=8, prompt_embed_dim=128, mask_in_chans=16,
-        decoder_depth=2, decoder_mlp_dim=512, decoder_num_heads=4, iou_head_hidden_dim=128),
+        encoder_embed_dim=128,
+        encoder_depth=4,
+        encoder_num_heads=4,
+        encoder_global_attn_indexes=(1, 3),
+        image_size=128,
+        patch_size=8,
+        window_size=8,
+        prompt_embed_dim=128,
+        mask_in_chans=16,
+        decoder_depth=2,
+        decoder_mlp_dim=512,
+        decoder_num_heads=4,
+        iou_head_hidden_dim=128,
+    ),
     "micro128": sam_jax.SamConfig(
-        encoder_embed_dim=64, encoder_depth=4, encoder_num_heads=4, encoder_global_attn_indexes=(1, 3),
-        image_size=128, patch_size=8, window_size=8, prompt_embed_dim=64, mask_in_chans=16,
-        decoder_depth=2, decoder_mlp_dim=256, decoder_num_heads=4, iou_head_hidden_dim=64),
+        encoder_embed_dim=64,
+        encoder_depth=4,
+        encoder_num_heads=4,
+        encoder_global_attn_indexes=(1, 3),
+        image_size=128,
+        patch_size=8,
+        window_size=8,
+        prompt_embed_dim=64,
+        mask_in_chans=16,
+        decoder_depth=2,
+        decoder_mlp_dim=256,
+        decoder_num_heads=4,
+        iou_head_hidden_dim=64,
+    ),
     # The fastest to learn per second on a 2-core CPU: held-out IoU after 10-12 min rose as the
     # model shrank (micro128 0.64, nano64 0.73 at seed 0 on 48 held-out images), because every
     # config learned about the same per step and small steps are cheap. 64 px, patch 4: a 16 x 16
@@ -68,28 +90,56 @@ SCRATCH_CONFIGS = {
     # two blocks 0.744 in 12000 steps, 428 s). A 128-wide IoU head costs nothing measurable and
     # picks better (0.744 vs 0.733 with 32).
     "nano64": sam_jax.SamConfig(
-        encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=2, encoder_global_attn_indexes=(0,),
-        image_size=64, patch_size=4, window_size=8, prompt_embed_dim=32, mask_in_chans=16,
-        decoder_depth=2, decoder_mlp_dim=128, decoder_num_heads=2, iou_head_hidden_dim=128),
+        encoder_embed_dim=32,
+        encoder_depth=1,
+        encoder_num_heads=2,
+        encoder_global_attn_indexes=(0,),
+        image_size=64,
+        patch_size=4,
+        window_size=8,
+        prompt_embed_dim=32,
+        mask_in_chans=16,
+        decoder_depth=2,
+        decoder_mlp_dim=128,
+        decoder_num_heads=2,
+        iou_head_hidden_dim=128,
+    ),
     "small": sam_jax.SamConfig(
-        encoder_embed_dim=128, encoder_depth=4, encoder_num_heads=4, encoder_global_attn_indexes=(1, 3),
-        image_size=256, patch_size=16, window_size=8, prompt_embed_dim=128, mask_in_chans=16,
-        decoder_depth=2, decoder_mlp_dim=512, decoder_num_heads=4, iou_head_hidden_dim=128),
+        encoder_embed_dim=128,
+        encoder_depth=4,
+        encoder_num_heads=4,
+        encoder_global_attn_indexes=(1, 3),
+        image_size=256,
+        patch_size=16,
+        window_size=8,
+        prompt_embed_dim=128,
+        mask_in_chans=16,
+        decoder_depth=2,
+        decoder_mlp_dim=512,
+        decoder_num_heads=4,
+        iou_head_hidden_dim=128,
+    ),
 }
 
 
 def _number(kind, lo=None, above=None, hi=None, below=None):
     """argparse type: a `kind` number with lo <= x (or above < x) and x <= hi (or x < below); anything
     else is a usage error that names the flag and the range."""
+
     def parse(text: str):
         v = kind(text)  # ValueError -> argparse's "invalid int/float value"
-        ok = math.isfinite(v) and (lo is None or v >= lo) and (above is None or v > above) \
-            and (hi is None or v <= hi) and (below is None or v < below)
+        ok = (
+            math.isfinite(v)
+            and (lo is None or v >= lo)
+            and (above is None or v > above)
+            and (hi is None or v <= hi)
+            and (below is None or v < below)
+        )
         if not ok:
-            want = [f"{op} {b}" for op, b in ((">=", lo), (">", above), ("<=", hi), ("<", below))
-                    if b is not None]
+            want = [f"{op} {b}" for op, b in ((">=", lo), (">", above), ("<=", hi), ("<", below)) if b is not None]
             raise argparse.ArgumentTypeError(f"must be {' and '.join(want)}, got {text}")
         return v
+
     parse.__name__ = kind.__name__
     return parse
 
@@ -111,8 +161,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--images", help="image folder (with --masks or --coco)")
     src.add_argument("--masks", help="mask folder: STEM.png (binary or labels) or STEM/*.png")
     src.add_argument("--coco", help="COCO instances json (images in --images)")
-    src.add_argument("--val-fraction", type=_number(float, lo=0.0, below=1.0), default=0.1,
-                     help="held-out share of folder data")
+    src.add_argument(
+        "--val-fraction", type=_number(float, lo=0.0, below=1.0), default=0.1, help="held-out share of folder data"
+    )
     src.add_argument("--heldout", type=_POSITIVE, default=200, help="held-out synthetic images")
     m = p.add_argument_group("model")
     m.add_argument("--weights", help="start from these weights (.safetensors or official .pth)")
@@ -121,8 +172,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--lora-rank", type=_POSITIVE, default=4)
     m.add_argument("--lora-alpha", type=_number(float, above=0.0), default=4.0)
     m.add_argument("--bf16", action="store_true", help="bfloat16 compute (params stay float32)")
-    m.add_argument("--remat", action="store_true",
-                   help="recompute encoder blocks and interactive rounds in the backward pass (less memory)")
+    m.add_argument(
+        "--remat",
+        action="store_true",
+        help="recompute encoder blocks and interactive rounds in the backward pass (less memory)",
+    )
     o = p.add_argument_group("optimisation")
     o.add_argument("--steps", type=_POSITIVE, default=1000)
     o.add_argument("--batch-size", type=_POSITIVE, default=8, help="images per step")
@@ -133,13 +187,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     o.add_argument("--corrective-points", type=_COUNT, default=8)
     o.add_argument("--no-point-rounds", type=_COUNT, default=2)
     o.add_argument("--box-prob", type=_number(float, lo=0.0, hi=1.0), default=0.5)
-    o.add_argument("--point-margin", type=_COUNT, default=0,
-                   help="first points only where a (2m+1)^2 square around them is inside the mask")
-    o.add_argument("--sample-by", default="image", choices=tdata.SAMPLING,
-                   help="draw batch images uniformly, or in proportion to their mask counts so that "
-                        "every mask trains equally often (as the per-mask held-out IoU weighs them)")
-    o.add_argument("--augment", action="store_true",
-                   help="random flips/transposes and colour jitter of each training image")
+    o.add_argument(
+        "--point-margin",
+        type=_COUNT,
+        default=0,
+        help="first points only where a (2m+1)^2 square around them is inside the mask",
+    )
+    o.add_argument(
+        "--sample-by",
+        default="image",
+        choices=tdata.SAMPLING,
+        help="draw batch images uniformly, or in proportion to their mask counts so that "
+        "every mask trains equally often (as the per-mask held-out IoU weighs them)",
+    )
+    o.add_argument(
+        "--augment", action="store_true", help="random flips/transposes and colour jitter of each training image"
+    )
     o.add_argument("--seed", type=int, default=0)
     r = p.add_argument_group("run")
     r.add_argument("--out", required=True)
@@ -184,12 +247,19 @@ def load_data(a, image_size: int):
         tr = tdata.prepare(*synthetic_dataset(a.synthetic, image_size, a.seed, "train"), image_size)
         va = tdata.prepare(*synthetic_dataset(a.heldout, image_size, a.seed, "heldout"), image_size)
         return tr, va
-    full = (tdata.load_coco(a.coco, a.images, image_size) if a.coco
-            else tdata.load_mask_folder(a.images, a.masks, image_size))
+    full = (
+        tdata.load_coco(a.coco, a.images, image_size)
+        if a.coco
+        else tdata.load_mask_folder(a.images, a.masks, image_size)
+    )
     n_val = max(1, int(round(a.val_fraction * len(full)))) if len(full) > 1 else 0
     order = np.random.default_rng(a.seed).permutation(len(full))
-    pick = lambda idx: tdata.Samples(full.images[idx], full.sizes[idx], [full.masks[i] for i in idx],  # noqa: E731
-                                     [full.names[i] for i in idx])
+
+    def pick(idx):
+        return tdata.Samples(
+            full.images[idx], full.sizes[idx], [full.masks[i] for i in idx], [full.names[i] for i in idx]
+        )
+
     return pick(order[n_val:]), pick(order[:n_val] if n_val else order[:1])
 
 
@@ -203,17 +273,28 @@ def main(argv=None) -> Dict[str, List[float]]:
     print(f"data: {len(tr)} train / {len(va)} held-out images at {s}px ({time.perf_counter() - t0:.1f} s)")
 
     cfg = train.TrainConfig(
-        learning_rate=a.lr, weight_decay=a.weight_decay, warmup_steps=a.warmup, decay_steps=a.steps,
-        encoder=a.encoder, prompts=train.PromptConfig(a.corrective_points, a.no_point_rounds, a.box_prob,
-                                   point_margin=a.point_margin),
-        remat_rounds=a.remat)
+        learning_rate=a.lr,
+        weight_decay=a.weight_decay,
+        warmup_steps=a.warmup,
+        decay_steps=a.steps,
+        encoder=a.encoder,
+        prompts=train.PromptConfig(a.corrective_points, a.no_point_rounds, a.box_prob, point_margin=a.point_margin),
+        remat_rounds=a.remat,
+    )
     tx = train.make_optimizer(cfg, params)
     state = train.TrainState.create(params, tx)
     step_fn = train.make_train_step(model, tx, cfg)
     ckpt = Checkpointer(os.path.join(a.out, "checkpoints"))
     hist_path = os.path.join(a.out, "history.json")
-    history: Dict[str, List[float]] = {"step": [], "loss": [], "iou_first": [], "iou_last": [],
-                                       "eval_step": [], "eval_iou": [], "time": []}
+    history: Dict[str, List[float]] = {
+        "step": [],
+        "loss": [],
+        "iou_first": [],
+        "iou_last": [],
+        "eval_step": [],
+        "eval_iou": [],
+        "time": [],
+    }
     if a.resume and ckpt.latest_step() is not None:
         state = ckpt.restore(state)
         with open(hist_path) as f:
@@ -226,14 +307,14 @@ def main(argv=None) -> Dict[str, List[float]]:
         history["eval_iou"] = [history["eval_iou"][i] for i in keep]
         print(f"resumed at step {n}")
 
-    encode = jax.jit(lambda p, im, sz: model.apply({"params": p}, preprocess_padded(im, sz),
-                                                    method="encode_image"))
+    encode = jax.jit(lambda p, im, sz: model.apply({"params": p}, preprocess_padded(im, sz), method="encode_image"))
     cached = None
     if a.encoder == "frozen":  # the research path: embeddings once, then many decoder epochs
         tag = f"{a.weights or a.model}|{model.config.to_json()}|{len(tr)}|{a.seed}"
         t1 = time.perf_counter()
-        cached = tdata.cache_embeddings(lambda im, sz: encode(state.params, im, sz), tr, 8,
-                                        os.path.join(a.out, "train_embeddings.npz"), tag)
+        cached = tdata.cache_embeddings(
+            lambda im, sz: encode(state.params, im, sz), tr, 8, os.path.join(a.out, "train_embeddings.npz"), tag
+        )
         print(f"cached {cached.shape} embeddings in {time.perf_counter() - t1:.1f} s")
     va_gt = np.concatenate(va.masks)
     va_owner = np.concatenate([np.full(len(m), i) for i, m in enumerate(va.masks)])
@@ -248,8 +329,9 @@ def main(argv=None) -> Dict[str, List[float]]:
     except ImportError:
         tqdm = None
     start = int(state.step)
-    bar = tqdm(total=a.steps, initial=start, disable=a.no_progress or tqdm is None, dynamic_ncols=True) \
-        if tqdm else None
+    bar = (
+        tqdm(total=a.steps, initial=start, disable=a.no_progress or tqdm is None, dynamic_ncols=True) if tqdm else None
+    )
     base_key = jax.random.PRNGKey(a.seed)
     prep = jax.jit(preprocess_padded)
 
@@ -271,8 +353,11 @@ def main(argv=None) -> Dict[str, List[float]]:
             history[k].append(met[k])
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{met['loss']:.3f}", iou=f"{met['iou_first']:.3f}",
-                            eval_iou=f"{history['eval_iou'][-1]:.3f}" if history["eval_iou"] else "-")
+            bar.set_postfix(
+                loss=f"{met['loss']:.3f}",
+                iou=f"{met['iou_first']:.3f}",
+                eval_iou=f"{history['eval_iou'][-1]:.3f}" if history["eval_iou"] else "-",
+            )
 
     t_run = time.perf_counter() - (history["time"][-1] if history["time"] else 0.0)
     end = min(a.steps, a.stop_after) if a.stop_after else a.steps
@@ -292,12 +377,18 @@ def main(argv=None) -> Dict[str, List[float]]:
             history["eval_step"].append(t + 1)
             history["eval_iou"].append(float(np.mean(evaluate(state.params))))
             if a.no_progress:
-                print(f"step {t + 1}: loss {np.mean(history['loss'][-a.eval_every:]):.4f}, train IoU "
-                      f"{np.mean(history['iou_first'][-a.eval_every:]):.3f}, held-out IoU "
-                      f"{history['eval_iou'][-1]:.3f}, {history['time'][-1]:.0f} s", flush=True)
+                print(
+                    f"step {t + 1}: loss {np.mean(history['loss'][-a.eval_every :]):.4f}, train IoU "
+                    f"{np.mean(history['iou_first'][-a.eval_every :]):.3f}, held-out IoU "
+                    f"{history['eval_iou'][-1]:.3f}, {history['time'][-1]:.0f} s",
+                    flush=True,
+                )
             elif bar is not None:
-                bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", iou=f"{history['iou_first'][-1]:.3f}",
-                                eval_iou=f"{history['eval_iou'][-1]:.3f}")
+                bar.set_postfix(
+                    loss=f"{history['loss'][-1]:.3f}",
+                    iou=f"{history['iou_first'][-1]:.3f}",
+                    eval_iou=f"{history['eval_iou'][-1]:.3f}",
+                )
         if do_save:
             ckpt.save(state, wait=False)  # written in the background while training goes on
             with open(hist_path, "w") as f:
@@ -311,8 +402,12 @@ def main(argv=None) -> Dict[str, List[float]]:
     final = _plain(state.params, a)
     sam_jax.save(os.path.join(a.out, "params.safetensors"), jax.device_get(final), model.config)
     ious, preds = evaluate(state.params, return_masks=True)
-    summary = {"heldout_iou": float(np.mean(ious)), "heldout_masks": int(len(ious)),
-               "wall_s": history["time"][-1] if history["time"] else 0.0, "steps": a.steps}
+    summary = {
+        "heldout_iou": float(np.mean(ious)),
+        "heldout_masks": int(len(ious)),
+        "wall_s": history["time"][-1] if history["time"] else 0.0,
+        "steps": a.steps,
+    }
     with open(os.path.join(a.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(json.dumps(summary))

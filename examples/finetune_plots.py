@@ -35,8 +35,16 @@ def plot_curves(history: Dict[str, List[float]], path: str) -> None:
     plt.close(fig)
 
 
-def plot_overlays(samples, owner: np.ndarray, gt: np.ndarray, points: np.ndarray, preds: np.ndarray,
-                  ious: np.ndarray, path: str, n: int = 8) -> None:
+def plot_overlays(
+    samples,
+    owner: np.ndarray,
+    gt: np.ndarray,
+    points: np.ndarray,
+    preds: np.ndarray,
+    ious: np.ndarray,
+    path: str,
+    n: int = 8,
+) -> None:
     """Up to n held-out masks: image with the prediction (blue), the ground-truth outline (lime)
     and the prompt point (yellow star)."""
     import matplotlib

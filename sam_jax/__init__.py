@@ -8,8 +8,19 @@ from .modeling import PAD_LABEL, Sam
 __version__ = "0.1.0"
 
 __all__ = [
-    "PAD_LABEL", "PIXEL_MEAN", "PIXEL_STD", "PRESETS", "Sam", "SamConfig", "build_sam",
-    "count_params", "get_config", "init_params", "load", "param_shapes", "save",
+    "PAD_LABEL",
+    "PIXEL_MEAN",
+    "PIXEL_STD",
+    "PRESETS",
+    "Sam",
+    "SamConfig",
+    "build_sam",
+    "count_params",
+    "get_config",
+    "init_params",
+    "load",
+    "param_shapes",
+    "save",
 ]
 
 # Prediction (issue 3): the official SamPredictor API, and its jittable building blocks.

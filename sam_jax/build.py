@@ -15,8 +15,9 @@ from .modeling.image_encoder import check_attention_impl
 Params = Dict[str, Any]
 
 
-def build_sam(config: ConfigLike = "vit_h", dtype: Any = None, remat_encoder: bool = False,
-              attention_impl: str = "chunked") -> Sam:
+def build_sam(
+    config: ConfigLike = "vit_h", dtype: Any = None, remat_encoder: bool = False, attention_impl: str = "chunked"
+) -> Sam:
     """Returns the `Sam` module for a preset name ("vit_b", "vit_l", "vit_h", "default", "tiny")
     or a `SamConfig`. `dtype` is the compute dtype (e.g. jnp.bfloat16); params stay as given.
     `remat_encoder` recomputes encoder-block activations in the backward pass (saves memory).
@@ -30,9 +31,13 @@ def build_sam(config: ConfigLike = "vit_h", dtype: Any = None, remat_encoder: bo
 
 def _dummy_inputs(config: SamConfig):
     s, m = config.image_size, config.mask_input_size
-    return (jnp.zeros((1, s, s, 3), jnp.float32), jnp.zeros((1, 1, 2), jnp.float32),
-            jnp.ones((1, 1), jnp.int32), jnp.zeros((1, 4), jnp.float32),
-            jnp.zeros((1, m, m), jnp.float32))
+    return (
+        jnp.zeros((1, s, s, 3), jnp.float32),
+        jnp.zeros((1, 1, 2), jnp.float32),
+        jnp.ones((1, 1), jnp.int32),
+        jnp.zeros((1, 4), jnp.float32),
+        jnp.zeros((1, m, m), jnp.float32),
+    )
 
 
 def init_params(model: Sam, rng: jax.Array) -> Params:
@@ -42,8 +47,9 @@ def init_params(model: Sam, rng: jax.Array) -> Params:
 
 def param_shapes(model: Sam) -> Params:
     """The parameter tree as `jax.ShapeDtypeStruct`s, computed without allocating anything."""
-    return jax.eval_shape(partial(model.init, method=Sam.init_all), jax.random.PRNGKey(0),
-                          *_dummy_inputs(model.config))["params"]
+    return jax.eval_shape(
+        partial(model.init, method=Sam.init_all), jax.random.PRNGKey(0), *_dummy_inputs(model.config)
+    )["params"]
 
 
 def count_params(tree: Params) -> int:

@@ -15,8 +15,7 @@ import jax
 DEFAULT_DIR = os.path.join(os.path.expanduser("~"), ".cache", "sam_jax", "xla")
 
 
-def enable_compilation_cache(path: Optional[str | os.PathLike] = None,
-                             min_compile_time_secs: float = 0.5) -> str:
+def enable_compilation_cache(path: Optional[str | os.PathLike] = None, min_compile_time_secs: float = 0.5) -> str:
     """Stores compiled executables under `path` (default ~/.cache/sam_jax/xla) from now on.
 
     Only compilations slower than `min_compile_time_secs` are stored (jax's own default is 1 s).

@@ -52,9 +52,7 @@ class SamConfig:
     iou_head_hidden_dim: int = 256
 
     def __post_init__(self) -> None:
-        object.__setattr__(
-            self, "encoder_global_attn_indexes", tuple(int(i) for i in self.encoder_global_attn_indexes)
-        )
+        object.__setattr__(self, "encoder_global_attn_indexes", tuple(int(i) for i in self.encoder_global_attn_indexes))
         problems = []
         if self.image_size % self.patch_size:
             problems.append(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
@@ -101,19 +99,31 @@ class SamConfig:
 PRESETS: Dict[str, SamConfig] = {
     "vit_h": SamConfig(),
     "vit_l": SamConfig(
-        encoder_embed_dim=1024, encoder_depth=24, encoder_num_heads=16,
+        encoder_embed_dim=1024,
+        encoder_depth=24,
+        encoder_num_heads=16,
         encoder_global_attn_indexes=(5, 11, 17, 23),
     ),
     "vit_b": SamConfig(
-        encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12,
+        encoder_embed_dim=768,
+        encoder_depth=12,
+        encoder_num_heads=12,
         encoder_global_attn_indexes=(2, 5, 8, 11),
     ),
     # Odd sizes on purpose: a 10x10 embedding grid that windows of 4 must pad to 12, head dims
     # that are not powers of two, a non-default decoder width. Builds and runs in well under a second.
     "tiny": SamConfig(
-        encoder_embed_dim=48, encoder_depth=3, encoder_num_heads=3,
-        encoder_global_attn_indexes=(1,), image_size=160, patch_size=16, window_size=4,
-        prompt_embed_dim=48, mask_in_chans=8, decoder_depth=2, decoder_mlp_dim=40,
+        encoder_embed_dim=48,
+        encoder_depth=3,
+        encoder_num_heads=3,
+        encoder_global_attn_indexes=(1,),
+        image_size=160,
+        patch_size=16,
+        window_size=4,
+        prompt_embed_dim=48,
+        mask_in_chans=8,
+        decoder_depth=2,
+        decoder_mlp_dim=40,
         iou_head_hidden_dim=24,
     ),
 }

@@ -70,8 +70,9 @@ def size_bucket(n: int) -> int:
 # --- Pure functions: usable inside your own jax.jit. ---
 
 
-def prepare_images(images: Sequence[Any], image_size: int, image_format: str = "RGB"
-                   ) -> Tuple[np.ndarray, np.ndarray, List[Tuple[int, int]]]:
+def prepare_images(
+    images: Sequence[Any], image_size: int, image_format: str = "RGB"
+) -> Tuple[np.ndarray, np.ndarray, List[Tuple[int, int]]]:
     """Host side: images (any accepted form, see `inputs.as_rgb_uint8`) -> the inputs of
     `encode_images`: uint8 (B, S, S, 3) resized and zero-padded, resized sizes int32 (B, 2) as
     (h, w), and the original (H, W) of each."""
@@ -102,8 +103,9 @@ def dense_pe(model: Sam, params: Params) -> jax.Array:
     return model.apply({"params": params}, method=Sam.get_dense_pe)
 
 
-def image_context(model: Sam, params: Params, image_embedding: jax.Array,
-                  image_pe: Optional[jax.Array] = None) -> Dict[str, jax.Array]:
+def image_context(
+    model: Sam, params: Params, image_embedding: jax.Array, image_pe: Optional[jax.Array] = None
+) -> Dict[str, jax.Array]:
     """The decoder's prompt-independent work on one image, for `decode_prompts(image_context=...)`
     (prompts without a mask input): see `modeling.image_context`. `SamPredictor` computes it
     once per image; it holds ~10 MB per image for the official models."""
@@ -111,11 +113,18 @@ def image_context(model: Sam, params: Params, image_embedding: jax.Array,
     return modeling_image_context(params, image_embedding, pe, model.config.decoder_num_heads)
 
 
-def decode_prompts(model: Sam, params: Params, image_embedding: jax.Array,
-                   point_coords: Optional[jax.Array] = None, point_labels: Optional[jax.Array] = None,
-                   boxes: Optional[jax.Array] = None, mask_input: Optional[jax.Array] = None,
-                   multimask_output: bool = True, image_pe: Optional[jax.Array] = None,
-                   image_context: Optional[Dict[str, jax.Array]] = None) -> Tuple[jax.Array, jax.Array]:
+def decode_prompts(
+    model: Sam,
+    params: Params,
+    image_embedding: jax.Array,
+    point_coords: Optional[jax.Array] = None,
+    point_labels: Optional[jax.Array] = None,
+    boxes: Optional[jax.Array] = None,
+    mask_input: Optional[jax.Array] = None,
+    multimask_output: bool = True,
+    image_pe: Optional[jax.Array] = None,
+    image_context: Optional[Dict[str, jax.Array]] = None,
+) -> Tuple[jax.Array, jax.Array]:
     """Decodes B prompts against one image embedding (`Sam.decode`); arrays stay on the device.
 
     Args:
@@ -135,5 +144,15 @@ def decode_prompts(model: Sam, params: Params, image_embedding: jax.Array,
       low-res mask logits (B, M, 4h, 4w) and IoU predictions (B, M). `transforms.upscale_masks`
       with `SamPredictor.upscale_tables(i)` turns the logits into full-size logits.
     """
-    return model.apply({"params": params}, image_embedding, point_coords, point_labels, boxes, mask_input,
-                       multimask_output, image_context, image_pe, method=Sam.decode)
+    return model.apply(
+        {"params": params},
+        image_embedding,
+        point_coords,
+        point_labels,
+        boxes,
+        mask_input,
+        multimask_output,
+        image_context,
+        image_pe,
+        method=Sam.decode,
+    )

@@ -40,25 +40,26 @@ def as_rgb_uint8(image: Any, image_format: str = "RGB", name: str = "image") -> 
         if image.size and not np.all(np.isfinite(image)):
             raise ValueError(f"{name} contains NaN or inf")
         if image.size and (image.min() < 0.0 or image.max() > 1.0):
-            raise ValueError(f"float {name} must lie in [0, 1] (got values in [{image.min():g}, "
-                             f"{image.max():g}]); pass uint8 for 0..255 pixels")
+            raise ValueError(
+                f"float {name} must lie in [0, 1] (got values in [{image.min():g}, "
+                f"{image.max():g}]); pass uint8 for 0..255 pixels"
+            )
         image = np.round(image.astype(np.float64) * 255.0).astype(np.uint8)
     elif np.issubdtype(image.dtype, np.integer):  # e.g. a Python list of ints
         if image.size and (image.min() < 0 or image.max() > 255):
-            raise ValueError(f"integer {name} must lie in 0..255 (got values in [{image.min()}, "
-                             f"{image.max()}])")
+            raise ValueError(f"integer {name} must lie in 0..255 (got values in [{image.min()}, {image.max()}])")
         image = image.astype(np.uint8)
     else:
         raise TypeError(f"{name} must be uint8 (0..255) or float (0..1), got dtype {image.dtype}")
     if image.ndim == 2:
         image = image[:, :, None]
     if image.ndim != 3:
-        raise ValueError(f"{name} must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got shape "
-                         f"{image.shape}")
+        raise ValueError(f"{name} must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got shape {image.shape}")
     if image.shape[2] not in (1, 3, 4):
         if image.shape[0] in (1, 3, 4):
-            raise ValueError(f"{name} looks channels-first (CHW, shape {image.shape}); pass HWC, "
-                             "e.g. image.transpose(1, 2, 0)")
+            raise ValueError(
+                f"{name} looks channels-first (CHW, shape {image.shape}); pass HWC, e.g. image.transpose(1, 2, 0)"
+            )
         raise ValueError(f"{name} must have 1, 3 or 4 channels (HWC), got shape {image.shape}")
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise ValueError(f"{name} is empty (shape {image.shape})")
@@ -89,12 +90,13 @@ def _check_inside(xy: np.ndarray, size: Tuple[int, int], name: str) -> None:
     bad = (xy[..., 0] < 0) | (xy[..., 0] > w) | (xy[..., 1] < 0) | (xy[..., 1] > h)
     if np.any(bad):
         first = xy[bad][0]
-        raise ValueError(f"{name} has a point outside the {w}x{h} (W x H) image: (x, y) = "
-                         f"({first[0]:g}, {first[1]:g}); coordinates are original-image pixels")
+        raise ValueError(
+            f"{name} has a point outside the {w}x{h} (W x H) image: (x, y) = "
+            f"({first[0]:g}, {first[1]:g}); coordinates are original-image pixels"
+        )
 
 
-def check_labels(labels: Any, n: int, name: str = "point_labels",
-                 allowed: Sequence[int] = POINT_LABELS) -> np.ndarray:
+def check_labels(labels: Any, n: int, name: str = "point_labels", allowed: Sequence[int] = POINT_LABELS) -> np.ndarray:
     """Labels (N,) as int32; integer (or bool) values from `allowed` only."""
     try:
         arr = np.asarray(labels)
@@ -106,13 +108,16 @@ def check_labels(labels: Any, n: int, name: str = "point_labels",
         raise ValueError(f"{name} must have shape ({n},), one label per point, got {arr.shape}")
     bad = ~np.isin(arr.astype(np.int64), list(allowed))
     if np.any(bad):
-        raise ValueError(f"{name} must be one of {sorted(set(allowed), reverse=True)} "
-                         f"(1 foreground, 0 background), got {arr[bad][0]!r}")
+        raise ValueError(
+            f"{name} must be one of {sorted(set(allowed), reverse=True)} "
+            f"(1 foreground, 0 background), got {arr[bad][0]!r}"
+        )
     return arr.astype(np.int32)
 
 
-def check_points(coords: Any, labels: Any, size: Tuple[int, int],
-                 allowed: Sequence[int] = POINT_LABELS) -> Tuple[np.ndarray, np.ndarray]:
+def check_points(
+    coords: Any, labels: Any, size: Tuple[int, int], allowed: Sequence[int] = POINT_LABELS
+) -> Tuple[np.ndarray, np.ndarray]:
     """One prompt's points: coords (N, 2) as (x, y) original-image pixels and labels (N,).
 
     Returns (coords float64 (N, 2), labels int32 (N,)). Slots labelled PAD_LABEL (when allowed)
@@ -145,22 +150,24 @@ def check_boxes(boxes: Any, size: Tuple[int, int], name: str = "boxes") -> np.nd
     flipped = (arr[:, 2] < arr[:, 0]) | (arr[:, 3] < arr[:, 1])
     if np.any(flipped):
         i = int(np.argmax(flipped))
-        raise ValueError(f"{name}[{i}] = {arr[i].tolist()} has x1 < x0 or y1 < y0; boxes are "
-                         "(x0, y0, x1, y1) with the top-left corner first")
+        raise ValueError(
+            f"{name}[{i}] = {arr[i].tolist()} has x1 < x0 or y1 < y0; boxes are "
+            "(x0, y0, x1, y1) with the top-left corner first"
+        )
     _check_inside(arr.reshape(-1, 2, 2), size, name)
     return arr
 
 
-def check_mask_input(mask_input: Any, expected: Tuple[Optional[int], ...],
-                     name: str = "mask_input") -> np.ndarray:
+def check_mask_input(mask_input: Any, expected: Tuple[Optional[int], ...], name: str = "mask_input") -> np.ndarray:
     """Low-res mask LOGITS of the `expected` shape (None: any size >= 1 on that axis) -> float32."""
     arr = _float_array(mask_input, name)
-    fits = arr.ndim == len(expected) and all(
-        (e is None and d >= 1) or d == e for d, e in zip(arr.shape, expected))
+    fits = arr.ndim == len(expected) and all((e is None and d >= 1) or d == e for d, e in zip(arr.shape, expected))
     if not fits:
         want = "(" + ", ".join("B" if e is None else str(e) for e in expected) + ")"
-        raise ValueError(f"{name} must have shape {want}: low-resolution mask LOGITS, such as the "
-                         f"third output (low_res_logits) of a previous call; got {arr.shape}")
+        raise ValueError(
+            f"{name} must have shape {want}: low-resolution mask LOGITS, such as the "
+            f"third output (low_res_logits) of a previous call; got {arr.shape}"
+        )
     return arr.astype(np.float32)
 
 
@@ -185,8 +192,9 @@ def check_batch_points(coords: Any, labels: Any, size: Tuple[int, int]) -> List[
     else:
         xy = _float_array(coords, "point_coords")
         if xy.ndim != 3 or xy.shape[2] != 2:
-            raise ValueError(f"point_coords must have shape (B, N, 2) (or be a list of (N_i, 2) arrays), "
-                             f"got {xy.shape}")
+            raise ValueError(
+                f"point_coords must have shape (B, N, 2) (or be a list of (N_i, 2) arrays), got {xy.shape}"
+            )
         try:
             lab = np.asarray(labels)
         except ValueError as e:
@@ -203,4 +211,3 @@ def check_batch_points(coords: Any, labels: Any, size: Tuple[int, int]) -> List[
         except (ValueError, TypeError) as e:
             raise type(e)(f"prompt {i}: {e}") from None
     return out
-

@@ -17,11 +17,19 @@ import numpy as np
 
 from . import backend, inputs
 from .build import Params
-from .functional import (MAX_PROMPTS_PER_CALL, decode_prompts, dense_pe, encode_images, image_context,
-                         point_bucket, prepare_images, prompt_bucket, size_bucket)
+from .functional import (
+    MAX_PROMPTS_PER_CALL,
+    decode_prompts,
+    dense_pe,
+    encode_images,
+    image_context,
+    point_bucket,
+    prepare_images,
+    prompt_bucket,
+    size_bucket,
+)
 from .modeling import PAD_LABEL, Sam, decoder_params
-from .transforms import (ResizeLongestSide, mask_upscale_taps, preprocess_padded, upscale_masks,
-                         upscale_width_window)
+from .transforms import ResizeLongestSide, mask_upscale_taps, preprocess_padded, upscale_masks, upscale_width_window
 
 Outputs = Tuple[np.ndarray, np.ndarray, np.ndarray]
 # ((row_start, row_w), (col_start, col_w)): `transforms.upscale_masks`' interpolation tables.
@@ -51,7 +59,7 @@ def _encode(model: Sam, params: Params, images: np.ndarray, sizes: np.ndarray) -
         emb = backend.encode_staged(model, params, _preprocess(images, sizes))
     else:
         emb = _encode_images(model, params, images, sizes)
-    return (emb,) if emb.shape[0] == 1 else tuple(emb[i:i + 1] for i in range(emb.shape[0]))
+    return (emb,) if emb.shape[0] == 1 else tuple(emb[i : i + 1] for i in range(emb.shape[0]))
 
 
 def _pad_rows(x: np.ndarray, n: int, fill: float = 0.0) -> np.ndarray:
@@ -121,8 +129,9 @@ class SamPredictor:
         if isinstance(images, np.ndarray) and images.ndim == 4:
             images = list(images)
         if not isinstance(images, (list, tuple)):
-            raise TypeError(f"images must be a list of images, got {type(images).__name__}; "
-                            "use set_image for a single image")
+            raise TypeError(
+                f"images must be a list of images, got {type(images).__name__}; use set_image for a single image"
+            )
         if not images:
             raise ValueError("images is empty: give at least one image")
         padded, sizes, originals = prepare_images(images, self.image_size, image_format)
@@ -133,14 +142,18 @@ class SamPredictor:
         for emb, (h, w), (oh, ow) in zip(embeddings, sizes.tolist(), originals):
             args = (self.low_res_size, self.image_size)
             cols = mask_upscale_taps(*args, w, ow, size_bucket(ow))
-            records.append(_Image(
-                embedding=emb,
-                # The decoder's prompt-independent work, done once here rather than per predict
-                # (used for prompts without mask_input; see functional.image_context).
-                context=_image_context(self.model, self._decoder_params, emb, self._image_pe),
-                original_size=(oh, ow), input_size=(h, w),
-                tables=(jax.device_put(mask_upscale_taps(*args, h, oh, size_bucket(oh))), jax.device_put(cols)),
-                width_window=upscale_width_window(*cols, self.low_res_size)))
+            records.append(
+                _Image(
+                    embedding=emb,
+                    # The decoder's prompt-independent work, done once here rather than per predict
+                    # (used for prompts without mask_input; see functional.image_context).
+                    context=_image_context(self.model, self._decoder_params, emb, self._image_pe),
+                    original_size=(oh, ow),
+                    input_size=(h, w),
+                    tables=(jax.device_put(mask_upscale_taps(*args, h, oh, size_bucket(oh))), jax.device_put(cols)),
+                    width_window=upscale_width_window(*cols, self.low_res_size),
+                )
+            )
         self._images = tuple(records)
 
     @property
@@ -206,9 +219,16 @@ class SamPredictor:
 
     # --- prompts ---
 
-    def predict(self, point_coords: Optional[Any] = None, point_labels: Optional[Any] = None,
-                box: Optional[Any] = None, mask_input: Optional[Any] = None, multimask_output: bool = True,
-                return_logits: bool = False, image_index: int = 0) -> Outputs:
+    def predict(
+        self,
+        point_coords: Optional[Any] = None,
+        point_labels: Optional[Any] = None,
+        box: Optional[Any] = None,
+        mask_input: Optional[Any] = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+        image_index: int = 0,
+    ) -> Outputs:
         """Masks for one prompt, as the official `SamPredictor.predict`.
 
         Args:
@@ -236,14 +256,26 @@ class SamPredictor:
         masks = None
         if mask_input is not None:
             masks = inputs.check_mask_input(mask_input, (1, self.low_res_size, self.low_res_size))
-        out = self._run(i, points, boxes, masks, inputs.check_flag(multimask_output, "multimask_output"),
-                        inputs.check_flag(return_logits, "return_logits"))
+        out = self._run(
+            i,
+            points,
+            boxes,
+            masks,
+            inputs.check_flag(multimask_output, "multimask_output"),
+            inputs.check_flag(return_logits, "return_logits"),
+        )
         return out[0][0], out[1][0], out[2][0]
 
-    def predict_batch(self, point_coords: Optional[Any] = None, point_labels: Optional[Any] = None,
-                      boxes: Optional[Any] = None, mask_input: Optional[Any] = None,
-                      multimask_output: bool = True, return_logits: bool = False,
-                      image_index: int = 0) -> Outputs:
+    def predict_batch(
+        self,
+        point_coords: Optional[Any] = None,
+        point_labels: Optional[Any] = None,
+        boxes: Optional[Any] = None,
+        mask_input: Optional[Any] = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+        image_index: int = 0,
+    ) -> Outputs:
         """Masks for B prompts on one image in one call (chunks of MAX_PROMPTS_PER_CALL).
 
         Equal to B `predict` calls. Prompt b combines whichever of its points, box and mask are given.
@@ -265,8 +297,10 @@ class SamPredictor:
         counts = {}
         points = None
         if point_coords is not None or point_labels is not None:
-            points = [(self.transform.apply_coords(xy, size), lab)
-                      for xy, lab in inputs.check_batch_points(point_coords, point_labels, size)]
+            points = [
+                (self.transform.apply_coords(xy, size), lab)
+                for xy, lab in inputs.check_batch_points(point_coords, point_labels, size)
+            ]
             counts["point_coords"] = len(points)
         box_arr = None
         if boxes is not None:
@@ -281,12 +315,24 @@ class SamPredictor:
             raise ValueError("predict_batch needs at least one of point_coords, boxes or mask_input")
         if len(set(counts.values())) > 1:
             raise ValueError(f"prompt counts differ: {counts}; every given prompt kind needs B entries")
-        return self._run(i, points, box_arr, masks, inputs.check_flag(multimask_output, "multimask_output"),
-                         inputs.check_flag(return_logits, "return_logits"))
+        return self._run(
+            i,
+            points,
+            box_arr,
+            masks,
+            inputs.check_flag(multimask_output, "multimask_output"),
+            inputs.check_flag(return_logits, "return_logits"),
+        )
 
-    def _run(self, i: int, points: Optional[List[Tuple[np.ndarray, np.ndarray]]],
-             boxes: Optional[np.ndarray], masks: Optional[np.ndarray], multimask: bool,
-             return_logits: bool) -> Outputs:
+    def _run(
+        self,
+        i: int,
+        points: Optional[List[Tuple[np.ndarray, np.ndarray]]],
+        boxes: Optional[np.ndarray],
+        masks: Optional[np.ndarray],
+        multimask: bool,
+        return_logits: bool,
+    ) -> Outputs:
         """Prompts already in the model-input frame -> numpy outputs at the original size."""
         b = next((len(x) for x in (points, boxes, masks) if x is not None), 1)
         image = self._images[i]
@@ -305,17 +351,26 @@ class SamPredictor:
                 coords = np.zeros((n, n_slots, 2), np.float32)
                 labels = np.full((n, n_slots), PAD_LABEL, np.int32)
                 for j, (xy, lab) in enumerate(points[start:stop]):
-                    coords[j, :len(lab)] = xy
-                    labels[j, :len(lab)] = lab
+                    coords[j, : len(lab)] = xy
+                    labels[j, : len(lab)] = lab
             if boxes is not None:
                 chunk_boxes = _pad_rows(boxes[start:stop].astype(np.float32), n)
             if masks is not None:
                 chunk_masks = _pad_rows(masks[start:stop], n)
             if points is None and boxes is None and masks is None:
                 n = 1  # no prompt at all: the decoder's own batch of one, as officially
-            low, iou = _decode(self.model, self._decoder_params, image.embedding, coords, labels,
-                               chunk_boxes, chunk_masks, multimask_output=multimask, image_pe=self._image_pe,
-                               image_context=image.context if chunk_masks is None else None)
+            low, iou = _decode(
+                self.model,
+                self._decoder_params,
+                image.embedding,
+                coords,
+                labels,
+                chunk_boxes,
+                chunk_masks,
+                multimask_output=multimask,
+                image_pe=self._image_pe,
+                image_context=image.context if chunk_masks is None else None,
+            )
             rows, cols = image.tables
             full = _upscale(low, rows, cols, return_logits=return_logits, width_window=image.width_window)
             k = stop - start

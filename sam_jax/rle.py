@@ -51,8 +51,9 @@ def _mask_utils():
     try:
         from pycocotools import mask as mask_utils
     except ImportError:  # pragma: no cover - depends on the environment
-        raise ImportError("COCO RLE and polygons need pycocotools: pip install 'sam-jax[amg]' "
-                          "(or 'sam-jax[train]')") from None
+        raise ImportError(
+            "COCO RLE and polygons need pycocotools: pip install 'sam-jax[amg]' (or 'sam-jax[train]')"
+        ) from None
     return mask_utils
 
 
@@ -87,12 +88,13 @@ def coco_to_mask(segmentation: Segmentation, h: int, w: int) -> np.ndarray:
     else:
         polygons = [[float(v) for v in p] for p in segmentation]
         if not polygons or any(len(p) < 6 or len(p) % 2 for p in polygons):
-            raise ValueError("segmentation: polygons must be a non-empty list of [x0, y0, x1, y1, x2, y2, ...] "
-                             f"(at least 3 points each), got {[len(p) for p in polygons]} coordinates")
+            raise ValueError(
+                "segmentation: polygons must be a non-empty list of [x0, y0, x1, y1, x2, y2, ...] "
+                f"(at least 3 points each), got {[len(p) for p in polygons]} coordinates"
+            )
         rle = mask_utils.merge(mask_utils.frPyObjects(polygons, h, w))
     # pycocotools' decode hands numpy a Cython array whose __array__ predates numpy 2's copy
     # keyword; numpy warns on every call. The warning is about pycocotools, not our use of it.
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "__array__ implementation doesn't accept a copy keyword",
-                                DeprecationWarning)
+        warnings.filterwarnings("ignore", "__array__ implementation doesn't accept a copy keyword", DeprecationWarning)
         return np.asarray(mask_utils.decode(rle), bool)

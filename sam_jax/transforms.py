@@ -37,8 +37,10 @@ def resize_longest_side(image: np.ndarray, long_side: int) -> np.ndarray:
     """
     new_h, new_w = get_preprocess_shape(image.shape[0], image.shape[1], long_side)
     if new_h == 0 or new_w == 0:
-        raise ValueError(f"an image of {image.shape[0]}x{image.shape[1]} is too elongated: its short side "
-                         f"would shrink to 0 pixels at a longest side of {long_side}")
+        raise ValueError(
+            f"an image of {image.shape[0]}x{image.shape[1]} is too elongated: its short side "
+            f"would shrink to 0 pixels at a longest side of {long_side}"
+        )
     return np.array(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
 
 
@@ -75,8 +77,9 @@ def preprocess(images: jax.Array, image_size: int) -> jax.Array:
     return jnp.pad(x, ((0, 0), (0, image_size - h), (0, image_size - w), (0, 0)))
 
 
-def postprocess_masks(masks: jax.Array, input_size: Tuple[int, int], original_size: Tuple[int, int],
-                      image_size: int) -> jax.Array:
+def postprocess_masks(
+    masks: jax.Array, input_size: Tuple[int, int], original_size: Tuple[int, int], image_size: int
+) -> jax.Array:
     """Low-res logits (..., 4h, 4w) -> logits at the original size (..., H, W).
 
     Two bilinear steps, as the official code: up to the padded input size, crop the padding away,
@@ -147,8 +150,9 @@ def linear_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
 UPSCALE_TAPS = 3
 
 
-def mask_upscale_taps(low_size: int, image_size: int, input_len: int, original_len: int,
-                      padded_len: int) -> Tuple[np.ndarray, np.ndarray]:
+def mask_upscale_taps(
+    low_size: int, image_size: int, input_len: int, original_len: int, padded_len: int
+) -> Tuple[np.ndarray, np.ndarray]:
     """One axis of the official mask postprocessing as a banded linear map, for `upscale_masks`.
 
     The official code resizes low-res logits low_size -> image_size (bilinear), crops the padding
@@ -160,8 +164,9 @@ def mask_upscale_taps(low_size: int, image_size: int, input_len: int, original_l
     Returns start (padded_len,) int32 and weights (padded_len, UPSCALE_TAPS) float32.
     """
     if not 0 < original_len <= padded_len or not 0 < input_len <= image_size:
-        raise ValueError(f"bad upscale sizes: input {input_len} of {image_size}, "
-                         f"original {original_len} padded to {padded_len}")
+        raise ValueError(
+            f"bad upscale sizes: input {input_len} of {image_size}, original {original_len} padded to {padded_len}"
+        )
     up = linear_resize_matrix(low_size, image_size)[:input_len]
     full = linear_resize_matrix(input_len, original_len) @ up  # (original_len, low_size), float64
     k = UPSCALE_TAPS
@@ -210,8 +215,9 @@ def upscale_width_window(col_start: np.ndarray, col_weights: np.ndarray, low_len
     return 0 if bad.any() else k
 
 
-def upscale_masks(low_res: jax.Array, rows: Tuple[jax.Array, jax.Array],
-                  cols: Tuple[jax.Array, jax.Array], width_window: int = 0) -> jax.Array:
+def upscale_masks(
+    low_res: jax.Array, rows: Tuple[jax.Array, jax.Array], cols: Tuple[jax.Array, jax.Array], width_window: int = 0
+) -> jax.Array:
     """Low-res logits (..., L, L) -> logits (..., Hp, Wp) at the (bucket-padded) original size.
 
     `rows` and `cols` are `mask_upscale_taps` for the height and width axes: (start, weights) of
@@ -238,12 +244,15 @@ def upscale_masks(low_res: jax.Array, rows: Tuple[jax.Array, jax.Array],
         first = jnp.minimum(col_start.reshape(g, UPSCALE_GROUP)[:, 0], low_w - k)  # (G,)
         window = jnp.take(low_res, (first[:, None] + jnp.arange(k)).reshape(-1), axis=-1).reshape(*lead, g, k)
         offset = (col_start.reshape(g, UPSCALE_GROUP) - first[:, None])[..., None] + taps  # (G, group, taps)
-        band = jnp.sum(jnp.where(offset[..., None] == jnp.arange(k), col_w.reshape(g, UPSCALE_GROUP, -1, 1),
-                                 0.0), axis=-2)  # (G, group, k)
+        band = jnp.sum(
+            jnp.where(offset[..., None] == jnp.arange(k), col_w.reshape(g, UPSCALE_GROUP, -1, 1), 0.0), axis=-2
+        )  # (G, group, k)
         x = jnp.einsum("...lgk,gok->...lgo", window, band, precision=jax.lax.Precision.HIGHEST).reshape(*lead, wp)
     else:
-        band = jnp.sum(jnp.where(col_start[:, None, None] + taps == jnp.arange(low_w)[None, :, None],
-                                 col_w[:, None, :], 0.0), axis=-1)  # (Wp, L)
+        band = jnp.sum(
+            jnp.where(col_start[:, None, None] + taps == jnp.arange(low_w)[None, :, None], col_w[:, None, :], 0.0),
+            axis=-1,
+        )  # (Wp, L)
         x = jnp.einsum("...hw,xw->...hx", low_res, band, precision=jax.lax.Precision.HIGHEST)
     # Then whole rows: contiguous gathers of the (..., L, Wp) intermediate.
     return sum(jnp.take(x, row_start + j, axis=-2) * row_w[:, j, None] for j in range(row_w.shape[-1]))

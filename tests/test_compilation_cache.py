@@ -26,8 +26,9 @@ print(len(hits))
 
 
 def _run(cache_dir) -> int:
-    r = subprocess.run([sys.executable, "-c", SCRIPT, str(cache_dir)], capture_output=True, text=True,
-                       cwd=ROOT, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(cache_dir)], capture_output=True, text=True, cwd=ROOT, timeout=600
+    )
     assert r.returncode == 0, r.stderr
     return int(r.stdout.strip().splitlines()[-1])
 

@@ -38,9 +38,15 @@ def test_default_is_vit_h():
     assert sam_jax.get_config("default") == sam_jax.get_config("vit_h")
 
 
-@pytest.mark.parametrize("bad", [dict(image_size=1000), dict(encoder_num_heads=7),
-                                 dict(encoder_global_attn_indexes=(40,)),
-                                 dict(encoder_depth=0, encoder_global_attn_indexes=())])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(image_size=1000),
+        dict(encoder_num_heads=7),
+        dict(encoder_global_attn_indexes=(40,)),
+        dict(encoder_depth=0, encoder_global_attn_indexes=()),
+    ],
+)
 def test_invalid_config_is_rejected(bad):
     with pytest.raises(ValueError, match="invalid SamConfig"):
         sam_jax.SamConfig(**bad)

@@ -39,6 +39,7 @@ def _assert_same(a, b):
 
 # --- accepted inputs ---
 
+
 def test_state_and_sizes(tiny):
     p = SamPredictor(tiny.model, tiny.params)
     assert not p.is_image_set and p.original_size is None and p.input_size is None
@@ -90,8 +91,12 @@ def test_python_lists_accepted(pred):
     small = PHOTO[:45, :70]  # still holds PT
     _assert_same(_same_prediction(pred, small.tolist()), _same_prediction(pred, small))
     a = pred.predict([[60, 40], [10.5, 20]], [1, 0], box=[5, 5, 100, 90], mask_input=np.zeros((1, L, L)).tolist())
-    b = pred.predict(np.array([[60, 40], [10.5, 20]]), np.array([1, 0]), box=np.array([5, 5, 100, 90]),
-                     mask_input=np.zeros((1, L, L), np.float32))
+    b = pred.predict(
+        np.array([[60, 40], [10.5, 20]]),
+        np.array([1, 0]),
+        box=np.array([5, 5, 100, 90]),
+        mask_input=np.zeros((1, L, L), np.float32),
+    )
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
 
@@ -189,8 +194,11 @@ BAD_PROMPTS = {
     "mask_no_batch_axis": (dict(mask_input=np.zeros((L, L))), ValueError, rf"\(1, {L}, {L}\).*LOGITS"),
     "mask_wrong_size": (dict(mask_input=np.zeros((1, 256, 256))), ValueError, rf"\(1, {L}, {L}\)"),
     "mask_nan": (dict(mask_input=np.full((1, L, L), np.nan)), ValueError, "NaN"),
-    "multimask_not_bool": (dict(point_coords=PT, point_labels=LAB, multimask_output="yes"), TypeError,
-                           "multimask_output"),
+    "multimask_not_bool": (
+        dict(point_coords=PT, point_labels=LAB, multimask_output="yes"),
+        TypeError,
+        "multimask_output",
+    ),
     "return_logits_int": (dict(point_coords=PT, point_labels=LAB, return_logits=1), TypeError, "return_logits"),
     "image_index_out_of_range": (dict(point_coords=PT, point_labels=LAB, image_index=1), ValueError, "image_index"),
     "image_index_float": (dict(point_coords=PT, point_labels=LAB, image_index=0.0), TypeError, "image_index"),
@@ -206,15 +214,19 @@ def test_bad_prompt(pred, case):
 
 BAD_BATCHES = {
     "no_prompt": (dict(), ValueError, "at least one"),
-    "count_mismatch": (dict(boxes=[[1, 1, 5, 5]] * 3, point_coords=[[[2, 2]]] * 2, point_labels=[[1]] * 2),
-                       ValueError, "counts differ"),
+    "count_mismatch": (
+        dict(boxes=[[1, 1, 5, 5]] * 3, point_coords=[[[2, 2]]] * 2, point_labels=[[1]] * 2),
+        ValueError,
+        "counts differ",
+    ),
     "single_box_shape": (dict(boxes=[1, 1, 5, 5]), ValueError, r"\(B, 4\)"),
-    "ragged_length_mismatch": (dict(point_coords=[[[2, 2]], [[3, 3]]], point_labels=[[1]]), ValueError,
-                               "prompts"),
-    "ragged_bad_label": (dict(point_coords=[[[2, 2]], [[3, 3]]], point_labels=[[1], [3]]), ValueError,
-                         "prompt 1"),
-    "array_labels_shape": (dict(point_coords=np.zeros((2, 3, 2)), point_labels=np.ones((2, 2), int)),
-                           ValueError, r"\(2, 3\)"),
+    "ragged_length_mismatch": (dict(point_coords=[[[2, 2]], [[3, 3]]], point_labels=[[1]]), ValueError, "prompts"),
+    "ragged_bad_label": (dict(point_coords=[[[2, 2]], [[3, 3]]], point_labels=[[1], [3]]), ValueError, "prompt 1"),
+    "array_labels_shape": (
+        dict(point_coords=np.zeros((2, 3, 2)), point_labels=np.ones((2, 2), int)),
+        ValueError,
+        r"\(2, 3\)",
+    ),
     "mask_without_channel": (dict(mask_input=np.zeros((2, L, L))), ValueError, rf"\(B, 1, {L}, {L}\)"),
     "box_outside": (dict(boxes=[[1, 1, 5, 5], [0, 0, W, H + 3]]), ValueError, "outside"),
 }

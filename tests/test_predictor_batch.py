@@ -60,8 +60,9 @@ def test_more_prompts_than_one_chunk(pred):
     n = F.MAX_PROMPTS_PER_CALL + 6  # two chunks, the second padded to 8
     boxes = random_boxes(np.random.default_rng(1), n)
     got = pred.predict_batch(boxes=boxes, multimask_output=False, return_logits=True)
-    want = [np.stack(x) for x in zip(*(pred.predict(box=b, multimask_output=False, return_logits=True)
-                                        for b in boxes[-8:]))]
+    want = [
+        np.stack(x) for x in zip(*(pred.predict(box=b, multimask_output=False, return_logits=True) for b in boxes[-8:]))
+    ]
     assert_close(tuple(x[-8:] for x in got), want, want[0])
 
 
@@ -75,8 +76,12 @@ def test_ragged_points_boxes_and_masks_equal_single_calls(pred):
     prev = pred.predict_batch(coords, labels)[2]  # low-res logits as the next mask prompts
     masks = prev[:, :1]
     got = pred.predict_batch(coords, labels, boxes, masks, return_logits=True)
-    want = [np.stack(x) for x in zip(*(pred.predict(c, lab, b, m, return_logits=True)
-                                        for c, lab, b, m in zip(coords, labels, boxes, masks)))]
+    want = [
+        np.stack(x)
+        for x in zip(
+            *(pred.predict(c, lab, b, m, return_logits=True) for c, lab, b, m in zip(coords, labels, boxes, masks))
+        )
+    ]
     assert_close(got, want, want[0])
 
 
@@ -131,8 +136,9 @@ def test_set_images_equals_one_by_one(tiny):
         e1, e3 = one.get_image_embedding(), many.get_image_embedding(i)
         assert np.max(np.abs(e3 - e1)) <= 1e-5 * np.std(e1)  # batch of 3 vs 1: rounding noise
         box = random_boxes(rng, 1, *photo.shape[:2])[0]
-        assert_close(many.predict(box=box, image_index=i), one.predict(box=box),
-                     one.predict(box=box, return_logits=True)[0])
+        assert_close(
+            many.predict(box=box, image_index=i), one.predict(box=box), one.predict(box=box, return_logits=True)[0]
+        )
 
 
 def test_no_recompilation(tiny):
@@ -248,8 +254,17 @@ def test_options_check_raises_other_xla_errors(monkeypatch):
 def test_encoder_stages():
     # vit_b: each global block's attention half alone, the rest grouped between them.
     stages = backend.encoder_stages(sam_jax.get_config("vit_b"))
-    assert stages == ((0, 4, False), (4, 5, True), (5, 10, False), (10, 11, True), (11, 16, False),
-                      (16, 17, True), (17, 22, False), (22, 23, True), (23, 24, False))
+    assert stages == (
+        (0, 4, False),
+        (4, 5, True),
+        (5, 10, False),
+        (10, 11, True),
+        (11, 16, False),
+        (16, 17, True),
+        (17, 22, False),
+        (22, 23, True),
+        (23, 24, False),
+    )
     for name in ("tiny", "vit_l", "vit_h"):
         cfg = sam_jax.get_config(name)
         stages = backend.encoder_stages(cfg)

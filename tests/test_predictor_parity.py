@@ -74,12 +74,14 @@ def prompts(h: int, w: int) -> Dict[str, dict]:
     box = np.array([0.2 * w, 0.25 * h, 0.7 * w, 0.8 * h])
     return {
         "one point": dict(point_coords=np.array([[0.45 * w, 0.55 * h]]), point_labels=np.array([1])),
-        "4 points +-": dict(point_coords=np.array([[0.3 * w, 0.3 * h], [0.6 * w, 0.4 * h],
-                                                   [0.5 * w, 0.7 * h], [0.1 * w, 0.9 * h]]),
-                            point_labels=np.array([1, 0, 1, 0])),
+        "4 points +-": dict(
+            point_coords=np.array([[0.3 * w, 0.3 * h], [0.6 * w, 0.4 * h], [0.5 * w, 0.7 * h], [0.1 * w, 0.9 * h]]),
+            point_labels=np.array([1, 0, 1, 0]),
+        ),
         "box": dict(box=box),
-        "box + 2 points": dict(box=box, point_coords=np.array([[0.4 * w, 0.5 * h], [0.65 * w, 0.3 * h]]),
-                               point_labels=np.array([1, 0])),
+        "box + 2 points": dict(
+            box=box, point_coords=np.array([[0.4 * w, 0.5 * h], [0.65 * w, 0.3 * h]]), point_labels=np.array([1, 0])
+        ),
     }
 
 
@@ -91,10 +93,12 @@ def check(name: str, want, got_masks, got_logits) -> None:
     full = got_logits[0]
     np.testing.assert_array_equal(got_logits[2], low)  # return_logits changes only the full output
     conf = np.abs(ref_full) > CONFIDENT
-    fig = {"low": float(np.max(np.abs(low - ref_low)) / np.std(ref_low)),
-           "iou": float(np.max(np.abs(iou - ref_iou))),
-           "full": float(np.max(np.abs(full - ref_full)) / np.std(ref_full)),
-           "mismatch": int(np.sum(masks[conf] != (ref_full[conf] > 0)))}
+    fig = {
+        "low": float(np.max(np.abs(low - ref_low)) / np.std(ref_low)),
+        "iou": float(np.max(np.abs(iou - ref_iou))),
+        "full": float(np.max(np.abs(full - ref_full)) / np.std(ref_full)),
+        "mismatch": int(np.sum(masks[conf] != (ref_full[conf] > 0))),
+    }
     FIGURES[name] = fig
     assert masks.dtype == bool and masks.shape == ref_full.shape
     assert fig["low"] <= LOGIT_TOL, fig
@@ -163,8 +167,7 @@ def test_64_boxes_in_one_call_equal_64_calls(photo):
         iou_errs.append(np.max(np.abs(iou[i] - s1)))
         conf = np.abs(logits[i]) > CONFIDENT
         mismatch += int(np.sum(masks[i][conf] != m1[conf]))
-    FIGURES["64 boxes batched vs single"] = {"low": max(errs), "iou": max(iou_errs), "full": 0.0,
-                                             "mismatch": mismatch}
+    FIGURES["64 boxes batched vs single"] = {"low": max(errs), "iou": max(iou_errs), "full": 0.0, "mismatch": mismatch}
     # The same computation in another batch shape (other matmul blocking): rounding noise of the
     # order of the cross-framework error (~1.5e-5 x std on vit_b), far below any real difference.
     assert max(errs) <= 5e-5

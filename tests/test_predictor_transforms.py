@@ -12,15 +12,36 @@ import torch
 from segment_anything.modeling import Sam as OfficialSam
 
 from sam_jax.functional import size_bucket
-from sam_jax.transforms import (mask_upscale_taps, pad_to_square, preprocess, preprocess_padded,
-                                resize_longest_side, upscale_masks, upscale_width_window)
+from sam_jax.transforms import (
+    mask_upscale_taps,
+    pad_to_square,
+    preprocess,
+    preprocess_padded,
+    resize_longest_side,
+    upscale_masks,
+    upscale_width_window,
+)
 
 # (H, W) original sizes: smaller and larger than the model input, both orientations, extreme
 # aspect ratios, a single pixel, and sizes equal to the input side; widths just above a bucket
 # boundary (257, 369, 513, 737), where the blocked width pass reads its widest windows.
-SIZES = [(512, 512), (400, 600), (300, 200), (1500, 2000), (2000, 1500), (7, 1000), (1, 1),
-         (1024, 1024), (1025, 3), (683, 1024), (97, 131), (257, 257), (366, 369), (60, 513),
-         (900, 737)]
+SIZES = [
+    (512, 512),
+    (400, 600),
+    (300, 200),
+    (1500, 2000),
+    (2000, 1500),
+    (7, 1000),
+    (1, 1),
+    (1024, 1024),
+    (1025, 3),
+    (683, 1024),
+    (97, 131),
+    (257, 257),
+    (366, 369),
+    (60, 513),
+    (900, 737),
+]
 
 
 def official_postprocess(low: np.ndarray, input_size, original_size, image_size: int) -> np.ndarray:
@@ -85,12 +106,11 @@ def test_fixed_shape_preprocess_equals_official(tiny):
         with torch.no_grad():
             want = tiny.torch_model.preprocess(torch.from_numpy(resized).permute(2, 0, 1)[None].float())
         want = want.numpy().transpose(0, 2, 3, 1)
-        got = np.asarray(jax.jit(preprocess_padded)(pad_to_square(resized, s)[None],
-                                                    np.array([resized.shape[:2]])))
+        got = np.asarray(jax.jit(preprocess_padded)(pad_to_square(resized, s)[None], np.array([resized.shape[:2]])))
         # Same float32 ops ((x - mean) / std): a last-bit difference at most.
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
         np.testing.assert_array_equal(got, np.asarray(preprocess(jnp.asarray(resized)[None], s)))
-        assert not got[0, resized.shape[0]:].any() and not got[0, :, resized.shape[1]:].any()
+        assert not got[0, resized.shape[0] :].any() and not got[0, :, resized.shape[1] :].any()
 
 
 def test_pad_to_square_rejects_oversized():

@@ -34,8 +34,10 @@ def _grids(point_grids: Any, n_layers: int) -> List[np.ndarray]:
     if not isinstance(point_grids, (list, tuple)):
         raise TypeError(f"point_grids must be a list of (N, 2) arrays, got {type(point_grids).__name__}")
     if len(point_grids) < n_layers + 1:
-        raise ValueError(f"point_grids has {len(point_grids)} grids but crop_n_layers={n_layers} needs "
-                         f"{n_layers + 1} (one per layer, layer 0 first)")
+        raise ValueError(
+            f"point_grids has {len(point_grids)} grids but crop_n_layers={n_layers} needs "
+            f"{n_layers + 1} (one per layer, layer 0 first)"
+        )
     out = []
     for i, g in enumerate(point_grids):
         arr = np.asarray(g)
@@ -57,12 +59,15 @@ def check_generator_args(**a: Any) -> Dict[str, Any]:
         raise ValueError("give exactly one of points_per_side and point_grids")
     out["crop_n_layers"] = n_layers = _int("crop_n_layers", a["crop_n_layers"], 0)
     out["crop_n_points_downscale_factor"] = factor = _int(
-        "crop_n_points_downscale_factor", a["crop_n_points_downscale_factor"], 1)
+        "crop_n_points_downscale_factor", a["crop_n_points_downscale_factor"], 1
+    )
     if a["points_per_side"] is not None:
         out["points_per_side"] = pps = _int("points_per_side", a["points_per_side"], 1)
-        if int(pps / factor ** n_layers) < 1:
-            raise ValueError(f"points_per_side={pps} / crop_n_points_downscale_factor={factor} ** "
-                             f"crop_n_layers={n_layers} leaves no point in the last crop layer")
+        if int(pps / factor**n_layers) < 1:
+            raise ValueError(
+                f"points_per_side={pps} / crop_n_points_downscale_factor={factor} ** "
+                f"crop_n_layers={n_layers} leaves no point in the last crop layer"
+            )
         out["point_grids"] = None
     else:
         out["points_per_side"] = None

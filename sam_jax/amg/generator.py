@@ -25,7 +25,6 @@ from .runner import CropResult, Job, Runner, fetch_masks
 Record = Dict[str, Any]
 
 
-
 class SamAutomaticMaskGenerator:
     """Generates masks for a whole image from a grid of point prompts, then filters and dedups.
 
@@ -53,25 +52,47 @@ class SamAutomaticMaskGenerator:
     point_coords ([[x, y]]), stability_score, crop_box (XYWH), as the official generator.
     """
 
-    def __init__(self, model: Sam, params: Params, points_per_side: Optional[int] = 32,
-                 points_per_batch: int = 64, pred_iou_thresh: float = 0.88,
-                 stability_score_thresh: float = 0.95, stability_score_offset: float = 1.0,
-                 box_nms_thresh: float = 0.7, crop_n_layers: int = 0, crop_nms_thresh: float = 0.7,
-                 crop_overlap_ratio: float = 512 / 1500, crop_n_points_downscale_factor: int = 1,
-                 point_grids: Optional[List[np.ndarray]] = None, min_mask_region_area: int = 0,
-                 output_mode: str = "binary_mask", devices: Optional[Sequence[jax.Device]] = None) -> None:
+    def __init__(
+        self,
+        model: Sam,
+        params: Params,
+        points_per_side: Optional[int] = 32,
+        points_per_batch: int = 64,
+        pred_iou_thresh: float = 0.88,
+        stability_score_thresh: float = 0.95,
+        stability_score_offset: float = 1.0,
+        box_nms_thresh: float = 0.7,
+        crop_n_layers: int = 0,
+        crop_nms_thresh: float = 0.7,
+        crop_overlap_ratio: float = 512 / 1500,
+        crop_n_points_downscale_factor: int = 1,
+        point_grids: Optional[List[np.ndarray]] = None,
+        min_mask_region_area: int = 0,
+        output_mode: str = "binary_mask",
+        devices: Optional[Sequence[jax.Device]] = None,
+    ) -> None:
         if not isinstance(model, Sam):
             raise TypeError(f"model must be a sam_jax.Sam, got {type(model).__name__}")
         a = check_generator_args(
-            points_per_side=points_per_side, points_per_batch=points_per_batch, pred_iou_thresh=pred_iou_thresh,
-            stability_score_thresh=stability_score_thresh, stability_score_offset=stability_score_offset,
-            box_nms_thresh=box_nms_thresh, crop_n_layers=crop_n_layers, crop_nms_thresh=crop_nms_thresh,
-            crop_overlap_ratio=crop_overlap_ratio, crop_n_points_downscale_factor=crop_n_points_downscale_factor,
-            point_grids=point_grids, min_mask_region_area=min_mask_region_area, output_mode=output_mode)
+            points_per_side=points_per_side,
+            points_per_batch=points_per_batch,
+            pred_iou_thresh=pred_iou_thresh,
+            stability_score_thresh=stability_score_thresh,
+            stability_score_offset=stability_score_offset,
+            box_nms_thresh=box_nms_thresh,
+            crop_n_layers=crop_n_layers,
+            crop_nms_thresh=crop_nms_thresh,
+            crop_overlap_ratio=crop_overlap_ratio,
+            crop_n_points_downscale_factor=crop_n_points_downscale_factor,
+            point_grids=point_grids,
+            min_mask_region_area=min_mask_region_area,
+            output_mode=output_mode,
+        )
         self.__dict__.update(a)
         if points_per_side is not None:
             self.point_grids = geometry.build_all_layer_point_grids(
-                self.points_per_side, self.crop_n_layers, self.crop_n_points_downscale_factor)
+                self.points_per_side, self.crop_n_layers, self.crop_n_points_downscale_factor
+            )
         if self.output_mode == "coco_rle":
             try:
                 import pycocotools.mask  # noqa: F401
@@ -88,9 +109,14 @@ class SamAutomaticMaskGenerator:
         if not devices or not all(isinstance(d, jax.Device) for d in devices):
             raise TypeError("devices must be a non-empty list of jax.Device")
         self.model, self.params, self.devices = model, params, devices
-        self.runner = Runner(model, params, devices, self.points_per_batch,
-                             (self.pred_iou_thresh, self.stability_score_thresh, self.stability_score_offset),
-                             self.box_nms_thresh)
+        self.runner = Runner(
+            model,
+            params,
+            devices,
+            self.points_per_batch,
+            (self.pred_iou_thresh, self.stability_score_thresh, self.stability_score_offset),
+            self.box_nms_thresh,
+        )
 
     # --- public API ---
 
@@ -106,12 +132,12 @@ class SamAutomaticMaskGenerator:
             images = list(images)
         if not isinstance(images, (list, tuple)) or not images:
             raise TypeError("images must be a non-empty list of images")
-        rgb = [inputs.as_rgb_uint8(im, name=f"images[{i}]" if len(images) > 1 else "image")
-               for i, im in enumerate(images)]
+        rgb = [
+            inputs.as_rgb_uint8(im, name=f"images[{i}]" if len(images) > 1 else "image") for i, im in enumerate(images)
+        ]
         jobs = self._jobs([im.shape[:2] for im in rgb])
         results = self.runner.run(jobs, rgb)
-        return [self._records(i, im.shape[:2], [r for r in results if r.job.image == i])
-                for i, im in enumerate(rgb)]
+        return [self._records(i, im.shape[:2], [r for r in results if r.job.image == i]) for i, im in enumerate(rgb)]
 
     def generate_from_embedding(self, image_embedding: Any, original_size: Tuple[int, int]) -> List[Record]:
         """Masks from an embedding you already have (crop_n_layers must be 0): (1, e, e, C) NHWC
@@ -169,17 +195,27 @@ class SamAutomaticMaskGenerator:
                 entries[p] = (self._encode(mask), int(np.count_nonzero(mask)), box, score)
         if self.min_mask_region_area > 0 and order:
             # The official clean-up's NMS: unchanged masks (score 1) win over changed ones (0).
-            keep = _nms_host(np.stack([e[2] for e in entries]), np.asarray([e[3] for e in entries], np.float32),
-                             max(self.box_nms_thresh, self.crop_nms_thresh))
+            keep = _nms_host(
+                np.stack([e[2] for e in entries]),
+                np.asarray([e[3] for e in entries], np.float32),
+                max(self.box_nms_thresh, self.crop_nms_thresh),
+            )
             order, entries = [order[i] for i in keep], [entries[i] for i in keep]
         records = []
         for (k, i), (seg, area, box, _) in zip(order, entries):
             r = results[k]
             point = r.job.points[r.point[i]] + np.array(r.job.crop_box[:2], np.float64)
-            records.append({
-                "segmentation": seg, "area": area, "bbox": geometry.box_xyxy_to_xywh(box),
-                "predicted_iou": float(r.iou[i]), "point_coords": [point.tolist()],
-                "stability_score": float(r.stab[i]), "crop_box": geometry.box_xyxy_to_xywh(r.job.crop_box)})
+            records.append(
+                {
+                    "segmentation": seg,
+                    "area": area,
+                    "bbox": geometry.box_xyxy_to_xywh(box),
+                    "predicted_iou": float(r.iou[i]),
+                    "point_coords": [point.tolist()],
+                    "stability_score": float(r.stab[i]),
+                    "crop_box": geometry.box_xyxy_to_xywh(r.job.crop_box),
+                }
+            )
         return records
 
     def _clean(self, mask: np.ndarray) -> Tuple[np.ndarray, bool]:
@@ -229,5 +265,7 @@ def _check_embedding(x: Any, side: int, channels: int) -> np.ndarray:
         return arr.astype(np.float32)
     if arr.shape == (1, channels, side, side):
         return arr.transpose(0, 2, 3, 1).astype(np.float32)
-    raise ValueError(f"image_embedding must be (1, {side}, {side}, {channels}) NHWC or (1, {channels}, {side}, "
-                     f"{side}) NCHW, got {arr.shape}")
+    raise ValueError(
+        f"image_embedding must be (1, {side}, {side}, {channels}) NHWC or (1, {channels}, {side}, "
+        f"{side}) NCHW, got {arr.shape}"
+    )

@@ -25,11 +25,12 @@ def build_point_grid(n_per_side: int) -> np.ndarray:
 
 def build_all_layer_point_grids(n_per_side: int, n_layers: int, scale_per_layer: int) -> List[np.ndarray]:
     """One grid per crop layer: layer i has int(n_per_side / scale_per_layer ** i) points a side."""
-    return [build_point_grid(int(n_per_side / (scale_per_layer ** i))) for i in range(n_layers + 1)]
+    return [build_point_grid(int(n_per_side / (scale_per_layer**i))) for i in range(n_layers + 1)]
 
 
-def generate_crop_boxes(im_size: Tuple[int, int], n_layers: int, overlap_ratio: float
-                        ) -> Tuple[List[List[int]], List[int]]:
+def generate_crop_boxes(
+    im_size: Tuple[int, int], n_layers: int, overlap_ratio: float
+) -> Tuple[List[List[int]], List[int]]:
     """Crop boxes [x0, y0, x1, y1] (ints, original-image pixels) and their layer index.
 
     Layer 0 is the whole image; layer i >= 1 has (2 ** i) ** 2 overlapping crops, ordered with

@@ -9,8 +9,15 @@ import numpy as np
 
 from ..rle import RLE, area_from_rle, coco_encode_rle, mask_to_rle, rle_to_mask
 
-__all__ = ["EIGHT_CONNECTED", "RLE", "area_from_rle", "coco_encode_rle", "mask_to_rle", "remove_small_regions",
-           "rle_to_mask"]
+__all__ = [
+    "EIGHT_CONNECTED",
+    "RLE",
+    "area_from_rle",
+    "coco_encode_rle",
+    "mask_to_rle",
+    "remove_small_regions",
+    "rle_to_mask",
+]
 
 # 8-connectivity, as the official clean-up (cv2.connectedComponentsWithStats(mask, 8)).
 EIGHT_CONNECTED = np.ones((3, 3), bool)

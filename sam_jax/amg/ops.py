@@ -23,8 +23,9 @@ def pixel_validity(size: jax.Array, shape: Tuple[int, int]) -> jax.Array:
     return (rows < size[0]) & (cols < size[1])
 
 
-def mask_stats(logits: jax.Array, valid: jax.Array, offset: jax.Array
-               ) -> Tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+def mask_stats(
+    logits: jax.Array, valid: jax.Array, offset: jax.Array
+) -> Tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Per-mask reductions of full-resolution logits (K, Hp, Wp) over the valid pixels (Hp, Wp).
 
     Returns, each over the masks (K,): count(logit > offset), count(logit > -offset) (int32, the
@@ -90,8 +91,7 @@ def box_iou_row(box: jax.Array, boxes: jax.Array) -> jax.Array:
     return inter / (area + areas - inter)
 
 
-def nms(boxes: jax.Array, scores: jax.Array, valid: jax.Array, iou_threshold: jax.Array
-        ) -> Tuple[jax.Array, jax.Array]:
+def nms(boxes: jax.Array, scores: jax.Array, valid: jax.Array, iou_threshold: jax.Array) -> Tuple[jax.Array, jax.Array]:
     """Greedy NMS with torchvision's semantics over a padded set.
 
     Args:

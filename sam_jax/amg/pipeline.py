@@ -46,22 +46,26 @@ MASK_THRESHOLD = 0.0
 
 def _lift(fn: Callable) -> Callable:
     """A one-job function -> the same on a leading job axis of size 1 (the per-device shard)."""
+
     def lifted(*args):
         squeeze = jax.tree_util.tree_map(lambda x: x[0], args)
         return jax.tree_util.tree_map(lambda x: x[None], fn(*squeeze))
+
     return lifted
 
 
 _CACHE: Dict[Any, Callable] = {}
 
 
-def sharded(key: Tuple[Any, ...], fn: Callable, mesh: Mesh, n_replicated: int,
-            donate: Tuple[int, ...] = (), tuned: bool = False) -> Callable:
+def sharded(
+    key: Tuple[Any, ...], fn: Callable, mesh: Mesh, n_replicated: int, donate: Tuple[int, ...] = (), tuned: bool = False
+) -> Callable:
     """jit(shard_map(fn)) over `mesh`: the first `n_replicated` args are replicated (params,
     thresholds), the rest carry the job axis. Cached per (key, mesh); `key` names `fn` and its
     static arguments. tuned: compile with `backend.jit_tuned` (XLA's own fusions on CPU)."""
     key = (*key, mesh)
     if key not in _CACHE:
+
         def body(*args):
             rep, per_job = args[:n_replicated], args[n_replicated:]
             return _lift(lambda *pj: fn(*rep, *pj))(*per_job)
@@ -70,8 +74,8 @@ def sharded(key: Tuple[Any, ...], fn: Callable, mesh: Mesh, n_replicated: int,
             return tuple([P()] * n_replicated + [P(AXIS)] * (len(args) - n_replicated))
 
         def call(*args):
-            return jax.shard_map(body, mesh=mesh, in_specs=specs(*args), out_specs=P(AXIS),
-                                 check_vma=False)(*args)
+            return jax.shard_map(body, mesh=mesh, in_specs=specs(*args), out_specs=P(AXIS), check_vma=False)(*args)
+
         _CACHE[key] = (jit_tuned if tuned else jax.jit)(call, donate_argnums=donate)
     return _CACHE[key]
 
@@ -93,8 +97,9 @@ def encode_job(model: Sam, params, image: jax.Array, size: jax.Array) -> jax.Arr
     return encode_images(model, params, image[None], size[None])
 
 
-def decode_tokens(model: Sam, params, embedding: jax.Array, coords: jax.Array
-                  ) -> Tuple[jax.Array, jax.Array, jax.Array]:
+def decode_tokens(
+    model: Sam, params, embedding: jax.Array, coords: jax.Array
+) -> Tuple[jax.Array, jax.Array, jax.Array]:
     """`Sam.decode_tokens` for B single foreground points (B, 2) in the model frame against one
     embedding (1, e, e, C), multimask: IoU (B, 3), hypernetwork outputs (B, 3, C/8) and image
     tokens (B, e, e, C). Layer 0's image side is projected once for the batch
@@ -102,8 +107,16 @@ def decode_tokens(model: Sam, params, embedding: jax.Array, coords: jax.Array
     pe = model.apply({"params": params}, method=Sam.get_dense_pe)
     context = image_context(params, embedding, pe, model.config.decoder_num_heads)
     b = coords.shape[0]
-    return model.apply({"params": params}, embedding, coords[:, None, :], jnp.ones((b, 1), jnp.int32),
-                       multimask_output=True, image_context=context, image_pe=pe, method=Sam.decode_tokens)
+    return model.apply(
+        {"params": params},
+        embedding,
+        coords[:, None, :],
+        jnp.ones((b, 1), jnp.int32),
+        multimask_output=True,
+        image_context=context,
+        image_pe=pe,
+        method=Sam.decode_tokens,
+    )
 
 
 def decode_masks(model: Sam, params, image_tokens: jax.Array, hyper: jax.Array) -> jax.Array:
@@ -112,8 +125,9 @@ def decode_masks(model: Sam, params, image_tokens: jax.Array, hyper: jax.Array) 
     return model.apply({"params": params}, image_tokens, hyper, method=Sam.decode_masks)
 
 
-def decode_job(model: Sam, thresholds: jax.Array, params, embedding: jax.Array, coords: jax.Array,
-               valid: jax.Array, *, chunk: int) -> Tuple[jax.Array, jax.Array]:
+def decode_job(
+    model: Sam, thresholds: jax.Array, params, embedding: jax.Array, coords: jax.Array, valid: jax.Array, *, chunk: int
+) -> Tuple[jax.Array, jax.Array]:
     """B single foreground points (B, 2) in the model frame, valid (B,) -> low-res logits
     (B * 3, L, L) and IoU predictions (B * 3,), point-major (the official `flatten(0, 1)`).
 
@@ -139,9 +153,20 @@ def decode_job(model: Sam, thresholds: jax.Array, params, embedding: jax.Array, 
     return low.reshape(-1, mask_side, mask_side), iou.reshape(-1)
 
 
-def filter_job(thresholds: jax.Array, low: jax.Array, iou: jax.Array, valid: jax.Array, base: jax.Array,
-               rows: Tuple[jax.Array, jax.Array], cols: Tuple[jax.Array, jax.Array], crop_hw: jax.Array,
-               crop_box: jax.Array, orig_hw: jax.Array, *, chunk: int) -> Dict[str, jax.Array]:
+def filter_job(
+    thresholds: jax.Array,
+    low: jax.Array,
+    iou: jax.Array,
+    valid: jax.Array,
+    base: jax.Array,
+    rows: Tuple[jax.Array, jax.Array],
+    cols: Tuple[jax.Array, jax.Array],
+    crop_hw: jax.Array,
+    crop_box: jax.Array,
+    orig_hw: jax.Array,
+    *,
+    chunk: int,
+) -> Dict[str, jax.Array]:
     """One decoded batch -> its surviving masks, in the official order, with their stats.
 
     Args:
@@ -169,8 +194,9 @@ def filter_job(thresholds: jax.Array, low: jax.Array, iou: jax.Array, valid: jax
         idx = jax.lax.dynamic_slice(padded_order, (start,), (chunk,))
         full = upscale_masks(low[idx], rows, cols)  # (K, Hp, Wp), 0 in the padding
         stats = ops.mask_stats(full, vm, offset)
-        return tuple(jax.lax.dynamic_update_slice(acc, s, (start,) + (0,) * (s.ndim - 1))
-                     for acc, s in zip(carry, stats))
+        return tuple(
+            jax.lax.dynamic_update_slice(acc, s, (start,) + (0,) * (s.ndim - 1)) for acc, s in zip(carry, stats)
+        )
 
     zeros = jnp.zeros((m + chunk,), jnp.int32)
     init = (zeros, zeros, zeros, jnp.zeros((m + chunk, 4), jnp.int32))
@@ -181,8 +207,7 @@ def filter_job(thresholds: jax.Array, low: jax.Array, iou: jax.Array, valid: jax
     keep2 &= ~ops.near_crop_edge(box, crop_box, orig_hw)
     o2, n2 = ops.compact_order(keep2)
     sel = order[o2]
-    return {"sel": sel, "iou": iou[sel], "stab": stab[o2], "box": box[o2], "area": area[o2],
-            "src": base + sel, "n": n2}
+    return {"sel": sel, "iou": iou[sel], "stab": stab[o2], "box": box[o2], "area": area[o2], "src": base + sel, "n": n2}
 
 
 BUFFER_KEYS = ("iou", "stab", "box", "area", "src")
@@ -190,9 +215,15 @@ BUFFER_KEYS = ("iou", "stab", "box", "area", "src")
 
 def empty_buffers(cap: int, low_size: int) -> Buffers:
     """Host zeros for one job's buffers of capacity `cap` (the job axis is added by the caller)."""
-    return {"low": np.zeros((cap, low_size, low_size), np.float32), "iou": np.zeros(cap, np.float32),
-            "stab": np.zeros(cap, np.float32), "box": np.zeros((cap, 4), np.int32),
-            "area": np.zeros(cap, np.int32), "src": np.zeros(cap, np.int32), "count": np.zeros((), np.int32)}
+    return {
+        "low": np.zeros((cap, low_size, low_size), np.float32),
+        "iou": np.zeros(cap, np.float32),
+        "stab": np.zeros(cap, np.float32),
+        "box": np.zeros((cap, 4), np.int32),
+        "area": np.zeros(cap, np.int32),
+        "src": np.zeros(cap, np.int32),
+        "count": np.zeros((), np.int32),
+    }
 
 
 def append_job(bufs: Buffers, low: jax.Array, out: Dict[str, jax.Array]) -> Buffers:
@@ -228,8 +259,7 @@ def nms_job(threshold: jax.Array, bufs: Buffers) -> Tuple[jax.Array, jax.Array]:
 
 
 @partial(jax.jit, static_argnames=("packed",))
-def final_masks(low: jax.Array, idx: jax.Array, rows, cols, crop_hw: jax.Array, packed: bool = True
-                ) -> jax.Array:
+def final_masks(low: jax.Array, idx: jax.Array, rows, cols, crop_hw: jax.Array, packed: bool = True) -> jax.Array:
     """Re-upsamples the kept slots `idx` (P,) of one job's buffer ((1,) cap, L, L) to the crop's
     full resolution and thresholds them: bool (P, Hp, Wp), or bit-packed along the width
     (uint8 (P, Hp, ceil(Wp / 8)), `np.unpackbits(..., axis=-1)` restores it)."""
@@ -241,7 +271,8 @@ def final_masks(low: jax.Array, idx: jax.Array, rows, cols, crop_hw: jax.Array, 
 
 
 @jax.jit
-def nms_single(boxes: jax.Array, scores: jax.Array, valid: jax.Array, threshold: jax.Array
-               ) -> Tuple[jax.Array, jax.Array]:
+def nms_single(
+    boxes: jax.Array, scores: jax.Array, valid: jax.Array, threshold: jax.Array
+) -> Tuple[jax.Array, jax.Array]:
     """`ops.nms` on one device, for the cross-crop and clean-up passes (host-sized inputs)."""
     return ops.nms(boxes, scores, valid, threshold)

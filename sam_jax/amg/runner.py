@@ -94,8 +94,15 @@ def model_frame_coords(points: np.ndarray, crop_hw: Tuple[int, int], image_size:
 class Runner:
     """Runs groups of jobs on `devices` (one job per device per group)."""
 
-    def __init__(self, model: Sam, params: Params, devices: Sequence[jax.Device], points_per_batch: int,
-                 thresholds: Tuple[float, float, float], box_nms_thresh: float) -> None:
+    def __init__(
+        self,
+        model: Sam,
+        params: Params,
+        devices: Sequence[jax.Device],
+        points_per_batch: int,
+        thresholds: Tuple[float, float, float],
+        box_nms_thresh: float,
+    ) -> None:
         self.model, self.devices = model, list(devices)
         self.points_per_batch = points_per_batch
         self.image_size = model.config.image_size
@@ -117,8 +124,9 @@ class Runner:
         """Jobs per group: one per device; a lone job runs on one device."""
         return 1 if n_jobs == 1 else len(self.devices)
 
-    def run(self, jobs: Sequence[Job], images: Sequence[np.ndarray],
-            embeddings: Optional[Sequence[jax.Array]] = None) -> List[CropResult]:
+    def run(
+        self, jobs: Sequence[Job], images: Sequence[np.ndarray], embeddings: Optional[Sequence[jax.Array]] = None
+    ) -> List[CropResult]:
         """All jobs (any layers), in groups of equal point count; results in job order.
         `embeddings` (one (1, e, e, C) per job) skips the encoder."""
         results: List[Optional[CropResult]] = [None] * len(jobs)
@@ -128,15 +136,16 @@ class Runner:
         for idxs in by_size.values():
             g = self.group_size(len(idxs))
             for start in range(0, len(idxs), g):
-                chunk = idxs[start:start + g]
+                chunk = idxs[start : start + g]
                 embs = None if embeddings is None else [embeddings[i] for i in chunk]
                 out = self.run_group([jobs[i] for i in chunk], images, g, embs)
                 for i, r in zip(chunk, out):
                     results[i] = r
         return results  # type: ignore[return-value]
 
-    def run_group(self, jobs: List[Job], images: Sequence[np.ndarray], size: int,
-                  embeddings: Optional[List[jax.Array]] = None) -> List[CropResult]:
+    def run_group(
+        self, jobs: List[Job], images: Sequence[np.ndarray], size: int, embeddings: Optional[List[jax.Array]] = None
+    ) -> List[CropResult]:
         """`jobs` (at most `size`, padded to it) on the first `size` devices."""
         n_real = len(jobs)
         jobs = jobs + [jobs[0]] * (size - n_real)
@@ -160,8 +169,10 @@ class Runner:
             cols.append(mask_upscale_taps(self.low_size, s, iw, w, wp))
         stack = lambda tabs: tuple(np.stack([t[k] for t in tabs]) for k in range(2))  # noqa: E731
         rows_d, cols_d = pl.put(stack(rows), mesh), pl.put(stack(cols), mesh)
-        geo = [pl.put(np.asarray(x, np.int32), mesh) for x in
-               (hws, [j.crop_box for j in jobs], [images[j.image].shape[:2] for j in jobs])]
+        geo = [
+            pl.put(np.asarray(x, np.int32), mesh)
+            for x in (hws, [j.crop_box for j in jobs], [images[j.image].shape[:2] for j in jobs])
+        ]
 
         n_points = len(jobs[0].points)
         n_batches = -(-n_points // b)
@@ -174,22 +185,23 @@ class Runner:
         chunk = max(1, min(m, CHUNK_PIXELS // (hp * wp)))
         dchunk = min(b, DECODE_CHUNK)
         # The decoder's small dots run better on XLA's own fusions (see backend.CPU_XLA_OPTIONS).
-        decode = pl.sharded(("decode", model, dchunk), partial(pl.decode_job, model, chunk=dchunk), mesh, 2,
-                            tuned=True)
+        decode = pl.sharded(("decode", model, dchunk), partial(pl.decode_job, model, chunk=dchunk), mesh, 2, tuned=True)
         filt = pl.sharded(("filter", chunk), partial(pl.filter_job, chunk=chunk), mesh, 1, tuned=True)
         append = pl.sharded(("append",), pl.append_job, mesh, 0, donate=(0,))
         thresholds = pl.replicate(self.thresholds, mesh)
 
         cap = min(3 * n_batches * b, INITIAL_CAPACITY_BATCHES * m)
-        bufs = pl.put(jax.tree_util.tree_map(lambda x: np.stack([x] * size), pl.empty_buffers(cap, self.low_size)),
-                      mesh)
+        bufs = pl.put(
+            jax.tree_util.tree_map(lambda x: np.stack([x] * size), pl.empty_buffers(cap, self.low_size)), mesh
+        )
         bound = 0  # upper bound on every job's buffer count
         for bi in range(n_batches):
             sl = slice(bi * b, (bi + 1) * b)
             low, iou = decode(thresholds, params, emb, pl.put(coords[:, sl], mesh), pl.put(valid[:, sl], mesh))
             base = pl.put(np.full(size, 3 * bi * b, np.int32), mesh)
-            out = filt(thresholds, low, iou, pl.put(np.repeat(valid[:, sl], 3, axis=1), mesh), base, rows_d, cols_d,
-                       *geo)
+            out = filt(
+                thresholds, low, iou, pl.put(np.repeat(valid[:, sl], 3, axis=1), mesh), base, rows_d, cols_d, *geo
+            )
             if bound + m > cap:
                 bound = int(np.max(np.asarray(bufs["count"])))
                 if bound + m > cap:
@@ -211,12 +223,20 @@ class Runner:
         shards = {sh.index[0].start or 0: sh.data for sh in low_kept.addressable_shards}
         results = []
         for i in range(n_real):
-            slots = kept[i, :n_kept[i]]
-            results.append(CropResult(
-                job=jobs[i], iou=host["iou"][i, slots], stab=host["stab"][i, slots],
-                box=host["box"][i, slots].astype(np.int64), area=host["area"][i, slots].astype(np.int64),
-                point=host["src"][i, slots].astype(np.int64) // 3, slots=np.arange(len(slots), dtype=np.int32),
-                low=shards[i], tables=(rows[i], cols[i])))
+            slots = kept[i, : n_kept[i]]
+            results.append(
+                CropResult(
+                    job=jobs[i],
+                    iou=host["iou"][i, slots],
+                    stab=host["stab"][i, slots],
+                    box=host["box"][i, slots].astype(np.int64),
+                    area=host["area"][i, slots].astype(np.int64),
+                    point=host["src"][i, slots].astype(np.int64) // 3,
+                    slots=np.arange(len(slots), dtype=np.int32),
+                    low=shards[i],
+                    tables=(rows[i], cols[i]),
+                )
+            )
         return results
 
 
@@ -231,8 +251,8 @@ def fetch_masks(result: CropResult, order: np.ndarray) -> Iterator[np.ndarray]:
     slots = result.slots[order]
     for start in range(0, len(slots), FINAL_CHUNK):
         idx = np.zeros(FINAL_CHUNK, np.int32)
-        part = slots[start:start + FINAL_CHUNK]
-        idx[:len(part)] = part
+        part = slots[start : start + FINAL_CHUNK]
+        idx[: len(part)] = part
         packed = pl.final_masks(result.low, jax.device_put(idx, device), *tables, crop_hw)
         bits = np.unpackbits(np.asarray(packed), axis=-1, count=wp).astype(bool)
-        yield bits[:len(part), :h, :w]
+        yield bits[: len(part), :h, :w]

@@ -13,14 +13,27 @@ Only torch-free code runs at import; reading or writing `.pth` imports torch whe
 from .errors import ConversionError
 from .hf import convert_hf_state_dict, export_hf, load_hf
 from .native import save
-from .official import (convert_state_dict, detect_config, export_state_dict, load_official,
-                       plan_conversion, read_pth)
+from .official import convert_state_dict, detect_config, export_state_dict, load_official, plan_conversion, read_pth
 from .params import check_params, flatten_params, unflatten_params
 from .pytorch_export import export_pth
 from .sources import load, load_source
 
 __all__ = [
-    "ConversionError", "check_params", "convert_hf_state_dict", "convert_state_dict", "detect_config",
-    "export_hf", "export_pth", "export_state_dict", "flatten_params", "load", "load_hf", "load_official",
-    "load_source", "plan_conversion", "read_pth", "save", "unflatten_params",
+    "ConversionError",
+    "check_params",
+    "convert_hf_state_dict",
+    "convert_state_dict",
+    "detect_config",
+    "export_hf",
+    "export_pth",
+    "export_state_dict",
+    "flatten_params",
+    "load",
+    "load_hf",
+    "load_official",
+    "load_source",
+    "plan_conversion",
+    "read_pth",
+    "save",
+    "unflatten_params",
 ]

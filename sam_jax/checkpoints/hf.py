@@ -69,10 +69,14 @@ MODULES: Tuple[Tuple[str, str], ...] = (
     ("mask_decoder.output_upscaling.3", "mask_decoder.upscale_conv2"),
 )
 # MLPs of depth d: official layers.0 .. layers.{d-1} <-> HF proj_in, layers.0 .. layers.{d-3}, proj_out.
-_MLP_OFFICIAL = re.compile(r"(mask_decoder\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head))"
-                           r"\.layers\.(\d+)")
-_MLP_HF = re.compile(r"(mask_decoder\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head))"
-                     r"\.(proj_in|proj_out|layers\.(\d+))")
+_MLP_OFFICIAL = re.compile(
+    r"(mask_decoder\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head))"
+    r"\.layers\.(\d+)"
+)
+_MLP_HF = re.compile(
+    r"(mask_decoder\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head))"
+    r"\.(proj_in|proj_out|layers\.(\d+))"
+)
 
 
 def _shape(value: Any) -> Tuple[int, ...]:
@@ -88,8 +92,7 @@ def _fill(template: str, groups: Tuple[str, ...]) -> str:
     return re.sub(r"\*|\([^)]*\)", lambda _: next(it), template)
 
 
-_RULES = {"to_official": [(_compile(h), o) for o, h in MODULES],
-          "to_hf": [(_compile(o), h) for o, h in MODULES]}
+_RULES = {"to_official": [(_compile(h), o) for o, h in MODULES], "to_hf": [(_compile(o), h) for o, h in MODULES]}
 
 
 def _mlp_depths(keys: Any, hf: bool) -> Dict[str, int]:
@@ -155,8 +158,9 @@ def hf_to_official(state: Mapping[str, Any]) -> Tuple[Dict[str, Any], List[str]]
         except TypeError as e:
             same, problems = True, [str(e)]
         if not same:
-            problems.append(f"{PE_HF} and {PE_HF_TIED} differ: the positional-encoding matrix is "
-                            "stored twice with different values")
+            problems.append(
+                f"{PE_HF} and {PE_HF_TIED} differ: the positional-encoding matrix is stored twice with different values"
+            )
     if pes:
         out[PE_OFFICIAL] = state[pes[0]]
     for key, value in state.items():
@@ -173,13 +177,21 @@ def hf_to_official(state: Mapping[str, Any]) -> Tuple[Dict[str, Any], List[str]]
 def is_hf_layout(keys: Any) -> bool:
     """True for HF names, False for official ones; ConversionError when both appear."""
     keys = list(keys)
-    hf = [k for k in keys if k in (PE_HF, PE_HF_TIED) or (_rename(k, "to_official", {}) is not None
-                                                        and _rename(k, "to_hf", {}) is None)]
-    official = [k for k in keys if k == PE_OFFICIAL or (_rename(k, "to_hf", {}) is not None
-                                                      and _rename(k, "to_official", {}) is None)]
+    hf = [
+        k
+        for k in keys
+        if k in (PE_HF, PE_HF_TIED) or (_rename(k, "to_official", {}) is not None and _rename(k, "to_hf", {}) is None)
+    ]
+    official = [
+        k
+        for k in keys
+        if k == PE_OFFICIAL or (_rename(k, "to_hf", {}) is not None and _rename(k, "to_official", {}) is None)
+    ]
     if hf and official:
-        raise ConversionError("the checkpoint mixes Hugging Face and official key names",
-                              [f"Hugging Face key {hf[0]}", f"official key {official[0]}"])
+        raise ConversionError(
+            "the checkpoint mixes Hugging Face and official key names",
+            [f"Hugging Face key {hf[0]}", f"official key {official[0]}"],
+        )
     return bool(hf)
 
 
@@ -246,8 +258,13 @@ def hf_config(cfg: SamConfig) -> Dict[str, Any]:
         sections[section][field] = list(value) if isinstance(value, tuple) else value
     for section, field, _, value in _implied(cfg):
         sections[section][field] = value
-    return {"architectures": ["SamModel"], "model_type": "sam", "initializer_range": 0.02,
-            "tie_word_embeddings": True, **sections}
+    return {
+        "architectures": ["SamModel"],
+        "model_type": "sam",
+        "initializer_range": 0.02,
+        "tie_word_embeddings": True,
+        **sections,
+    }
 
 
 def _side(value: Any) -> Any:
@@ -261,8 +278,9 @@ def config_from_hf(d: Mapping[str, Any], source: str = CONFIG_FILE) -> SamConfig
     """A transformers SamConfig dict (config.json) -> SamConfig. Absent fields take HF's defaults.
     Raises ConversionError naming every field sam_jax cannot represent."""
     if d.get("model_type", "sam") != "sam":
-        raise ConversionError(f"{source}: model_type {d.get('model_type')!r} is not 'sam' "
-                              "(SAM-HQ, SAM 2 and others are different models)")
+        raise ConversionError(
+            f"{source}: model_type {d.get('model_type')!r} is not 'sam' (SAM-HQ, SAM 2 and others are different models)"
+        )
     sec = {s: d.get(s) or {} for s in ("vision_config", "prompt_encoder_config", "mask_decoder_config")}
     kwargs = {name: _side(sec[s].get(f, default)) for name, s, f, default in FIELDS}
     v = sec["vision_config"]
@@ -272,10 +290,12 @@ def config_from_hf(d: Mapping[str, Any], source: str = CONFIG_FILE) -> SamConfig
         cfg = SamConfig(**kwargs)
     except (ValueError, TypeError) as e:
         raise ConversionError(f"{source}: {e}") from None
-    problems = [f"{s}.{f} is {sec[s].get(f, default)!r}, expected {want!r}"
-                for s, f, default, want in _implied(cfg)
-                if (s, f) not in {("vision_config", "mlp_dim"), ("mask_decoder_config", "layer_norm_eps")}
-                and _side(sec[s].get(f, default)) != want]
+    problems = [
+        f"{s}.{f} is {sec[s].get(f, default)!r}, expected {want!r}"
+        for s, f, default, want in _implied(cfg)
+        if (s, f) not in {("vision_config", "mlp_dim"), ("mask_decoder_config", "layer_norm_eps")}
+        and _side(sec[s].get(f, default)) != want
+    ]
     if problems:
         raise ConversionError(f"{source}: not a model sam_jax can represent", problems)
     return cfg
@@ -283,6 +303,7 @@ def config_from_hf(d: Mapping[str, Any], source: str = CONFIG_FILE) -> SamConfig
 
 # ---------------------------------------------------------------------------------------------
 # Files
+
 
 def read_safetensors(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
     """(tensors as numpy, float16 / bfloat16 widened to float32; metadata) of a safetensors file."""
@@ -300,8 +321,7 @@ def read_safetensors(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
                         out[k] = np.asarray(g.get_tensor(k), np.float32)
     except (SafetensorError, OSError, ValueError) as e:
         raise ConversionError(f"{path}: not a readable safetensors file ({e})") from None
-    return {k: v.astype(np.float32) if v.dtype.name in ("float16", "bfloat16") else v
-            for k, v in out.items()}, meta
+    return {k: v.astype(np.float32) if v.dtype.name in ("float16", "bfloat16") else v for k, v in out.items()}, meta
 
 
 def read_hf_folder(folder: str) -> Tuple[Dict[str, np.ndarray], Optional[Dict[str, Any]]]:
@@ -333,8 +353,9 @@ def read_hf_folder(folder: str) -> Tuple[Dict[str, np.ndarray], Optional[Dict[st
     raise ConversionError(f"{folder}: no {WEIGHTS_FILE} in this folder (found {found})")
 
 
-def convert_hf_state_dict(state: Mapping[str, Any], model_type: Any = "auto",
-                          config: Optional[Mapping[str, Any]] = None) -> Tuple[SamConfig, Dict[str, Any]]:
+def convert_hf_state_dict(
+    state: Mapping[str, Any], model_type: Any = "auto", config: Optional[Mapping[str, Any]] = None
+) -> Tuple[SamConfig, Dict[str, Any]]:
     """HF SamModel state_dict (numpy or torch) -> (SamConfig, nested Flax params).
 
     The size comes from the shapes, checked against `config` (a config.json dict) when given, which
@@ -349,13 +370,15 @@ def convert_hf_state_dict(state: Mapping[str, Any], model_type: Any = "auto",
         def sub(m: re.Match) -> str:
             key = m.group(0)
             return pe_name if key == PE_OFFICIAL else _rename(key, "to_hf", depths) or key
+
         return re.sub(r"[A-Za-z_]\w*(?:\.\w+)+", sub, text)
 
     if config is not None:
         cfg = config_from_hf(config)
         if model_type not in (None, "auto") and get_config(model_type) != cfg:
-            raise ConversionError(f"--model-type {model_type} does not match {CONFIG_FILE}, which "
-                                  f"describes {describe(cfg)}")
+            raise ConversionError(
+                f"--model-type {model_type} does not match {CONFIG_FILE}, which describes {describe(cfg)}"
+            )
         _check_config_matches(cfg, official)
         model_type = cfg
     try:
@@ -376,12 +399,14 @@ def _check_config_matches(cfg: SamConfig, official: Mapping[str, Any]) -> None:
         return  # the key-by-key check reports what is missing
     found = dataclasses.replace(found, decoder_num_heads=cfg.decoder_num_heads)  # not in any shape
     hf_name = {name: f"{s}.{f}" for name, s, f, _ in FIELDS}
-    diffs = [f"{hf_name.get(f.name, f.name)}: {CONFIG_FILE} says {getattr(cfg, f.name)}, the weights "
-             f"{getattr(found, f.name)}" for f in dataclasses.fields(cfg)
-             if getattr(cfg, f.name) != getattr(found, f.name)]
+    diffs = [
+        f"{hf_name.get(f.name, f.name)}: {CONFIG_FILE} says {getattr(cfg, f.name)}, the weights "
+        f"{getattr(found, f.name)}"
+        for f in dataclasses.fields(cfg)
+        if getattr(cfg, f.name) != getattr(found, f.name)
+    ]
     if diffs:
-        raise ConversionError(f"{CONFIG_FILE} does not match the weights, which look like {describe(found)}",
-                              diffs)
+        raise ConversionError(f"{CONFIG_FILE} does not match the weights, which look like {describe(found)}", diffs)
 
 
 def load_hf(path: str | os.PathLike, model_type: Any = "auto") -> Tuple[SamConfig, Dict[str, Any]]:
@@ -398,8 +423,7 @@ def load_hf(path: str | os.PathLike, model_type: Any = "auto") -> Tuple[SamConfi
     return convert_hf_state_dict(state, model_type, config)
 
 
-def export_hf(params: Mapping[str, Any], config: SamConfig | str,
-              folder: str | os.PathLike) -> Dict[str, Any]:
+def export_hf(params: Mapping[str, Any], config: SamConfig | str, folder: str | os.PathLike) -> Dict[str, Any]:
     """sam_jax params -> an HF folder (config.json + model.safetensors, float32) that
     `transformers.SamModel.from_pretrained` loads. Returns the HF state_dict written."""
     cfg = get_config(config)

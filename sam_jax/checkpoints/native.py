@@ -21,8 +21,7 @@ FORMAT = "sam_jax"
 FORMAT_VERSION = "1"
 
 
-def write_safetensors(path: str | os.PathLike, tensors: Dict[str, np.ndarray],
-                      metadata: Dict[str, str]) -> None:
+def write_safetensors(path: str | os.PathLike, tensors: Dict[str, np.ndarray], metadata: Dict[str, str]) -> None:
     """Writes a safetensors file atomically (`atomic_file`: never half-written under the final
     name, with the permissions the umask gives new files)."""
     from safetensors.numpy import save_file
@@ -35,8 +34,12 @@ def save(path: str | os.PathLike, params: Params, config: SamConfig | str) -> No
     """Writes params as one safetensors file; metadata records the model type and full config."""
     config = get_config(config)
     flat = {k: np.ascontiguousarray(np.asarray(v)) for k, v in flatten_params(params).items()}
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
-            "model_type": preset_name(config) or "custom", "config": config.to_json()}
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_type": preset_name(config) or "custom",
+        "config": config.to_json(),
+    }
     write_safetensors(path, flat, meta)
 
 
@@ -50,8 +53,10 @@ def read(path: str, meta: Dict[str, str]) -> Tuple[Sam, Params]:
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format version {meta.get('format_version')!r} is not supported "
-                         f"(this sam_jax reads {FORMAT_VERSION})")
+        raise ValueError(
+            f"{path}: format version {meta.get('format_version')!r} is not supported "
+            f"(this sam_jax reads {FORMAT_VERSION})"
+        )
     config = SamConfig.from_dict(json.loads(meta["config"]))
     model = build_sam(config)
     params = jax.tree_util.tree_map(jnp.asarray, unflatten_params(flat))

@@ -35,7 +35,7 @@ _WEIGHT_LEAVES = ("kernel", "scale", "embedding")
 
 
 def flax_module_path(torch_module: str) -> str:
-    """"image_encoder.blocks.3.attn" -> "image_encoder/blocks_3/attn"."""
+    """ "image_encoder.blocks.3.attn" -> "image_encoder/blocks_3/attn"."""
     out: list[str] = []
     for part in torch_module.split("."):
         if part.isdigit() and out:
@@ -90,6 +90,7 @@ def _torch_shape(flax_key: str, shape: Tuple[int, ...]) -> Tuple[int, ...]:
 # ---------------------------------------------------------------------------------------------
 # Model type from shapes
 
+
 def _block_indices(shapes: Mapping[str, Tuple[int, ...]], prefix: str) -> list[int]:
     pat = re.compile(re.escape(prefix) + r"\.(\d+)\.")
     return sorted({int(m.group(1)) for k in shapes for m in [pat.match(k)] if m})
@@ -98,15 +99,23 @@ def _block_indices(shapes: Mapping[str, Tuple[int, ...]], prefix: str) -> list[i
 def detect_config(shapes: Mapping[str, Tuple[int, ...]]) -> SamConfig:
     """Infers the SamConfig from the state_dict's tensor shapes (the decoder's head count, which
     no shape records, is the official 8). Raises ConversionError if a needed tensor is missing."""
-    need = ["image_encoder.patch_embed.proj.weight", "image_encoder.pos_embed",
-            "image_encoder.neck.0.weight", "prompt_encoder.mask_downscaling.3.weight",
-            "mask_decoder.mask_tokens.weight", "mask_decoder.transformer.layers.0.mlp.lin1.weight",
-            "mask_decoder.iou_prediction_head.layers.0.weight",
-            "image_encoder.blocks.0.attn.rel_pos_h", "image_encoder.blocks.0.mlp.lin1.weight"]
+    need = [
+        "image_encoder.patch_embed.proj.weight",
+        "image_encoder.pos_embed",
+        "image_encoder.neck.0.weight",
+        "prompt_encoder.mask_downscaling.3.weight",
+        "mask_decoder.mask_tokens.weight",
+        "mask_decoder.transformer.layers.0.mlp.lin1.weight",
+        "mask_decoder.iou_prediction_head.layers.0.weight",
+        "image_encoder.blocks.0.attn.rel_pos_h",
+        "image_encoder.blocks.0.mlp.lin1.weight",
+    ]
     missing = [k for k in need if k not in shapes]
     if missing:
-        raise ConversionError("cannot detect the model type: this does not look like a SAM "
-                              "checkpoint", [f"missing key {k}" for k in missing])
+        raise ConversionError(
+            "cannot detect the model type: this does not look like a SAM checkpoint",
+            [f"missing key {k}" for k in missing],
+        )
     try:
         embed_dim, _, patch, _ = shapes["image_encoder.patch_embed.proj.weight"]
         grid = shapes["image_encoder.pos_embed"][1]
@@ -116,8 +125,12 @@ def detect_config(shapes: Mapping[str, Tuple[int, ...]]) -> SamConfig:
         global_idx = tuple(i for i, r in zip(blocks, rel) if r[0] == 2 * grid - 1)
         windowed = [r[0] for i, r in zip(blocks, rel) if i not in global_idx]
         cfg = SamConfig(
-            encoder_embed_dim=embed_dim, encoder_depth=len(blocks), encoder_num_heads=embed_dim // head_dim,
-            encoder_global_attn_indexes=global_idx, image_size=grid * patch, patch_size=patch,
+            encoder_embed_dim=embed_dim,
+            encoder_depth=len(blocks),
+            encoder_num_heads=embed_dim // head_dim,
+            encoder_global_attn_indexes=global_idx,
+            image_size=grid * patch,
+            patch_size=patch,
             window_size=(windowed[0] + 1) // 2 if windowed else SamConfig.window_size,
             mlp_ratio=shapes["image_encoder.blocks.0.mlp.lin1.weight"][0] / embed_dim,
             prompt_embed_dim=shapes["image_encoder.neck.0.weight"][0],
@@ -135,13 +148,12 @@ def detect_config(shapes: Mapping[str, Tuple[int, ...]]) -> SamConfig:
 
 def describe(cfg: SamConfig) -> str:
     name = preset_name(cfg)
-    dims = (f"embed dim {cfg.encoder_embed_dim}, {cfg.encoder_depth} blocks, "
-            f"image size {cfg.image_size}")
+    dims = f"embed dim {cfg.encoder_embed_dim}, {cfg.encoder_depth} blocks, image size {cfg.image_size}"
     return f"{name} ({dims})" if name else f"a custom model ({dims})"
 
 
 def resolve_config(shapes: Mapping[str, Tuple[int, ...]], model_type: Any = "auto") -> SamConfig:
-    """"auto" -> detected from shapes; a preset name or SamConfig -> that, checked against shapes."""
+    """ "auto" -> detected from shapes; a preset name or SamConfig -> that, checked against shapes."""
     if model_type is None or model_type == "auto":
         return detect_config(shapes)
     cfg = get_config(model_type)
@@ -154,12 +166,14 @@ def resolve_config(shapes: Mapping[str, Tuple[int, ...]], model_type: Any = "aut
         raise ConversionError(
             f"model type {model_type if isinstance(model_type, str) else 'given'} does not match the "
             f"checkpoint, which looks like {describe(found)}; expected {describe(cfg)}. "
-            "Use --model-type auto.")
+            "Use --model-type auto."
+        )
     return cfg
 
 
 # ---------------------------------------------------------------------------------------------
 # Conversion
+
 
 def _to_numpy(value: Any, key: str) -> np.ndarray:
     if hasattr(value, "detach"):  # a torch tensor, without importing torch
@@ -172,8 +186,9 @@ def _to_numpy(value: Any, key: str) -> np.ndarray:
     return value.astype(np.float32) if np.issubdtype(value.dtype, np.floating) else value
 
 
-def plan_conversion(shapes: Mapping[str, Tuple[int, ...]], model_type: Any = "auto"
-                    ) -> Tuple[SamConfig, Dict[str, str]]:
+def plan_conversion(
+    shapes: Mapping[str, Tuple[int, ...]], model_type: Any = "auto"
+) -> Tuple[SamConfig, Dict[str, str]]:
     """Checks a state_dict's keys and shapes against the model, without touching any data.
 
     Returns the config and {official key: Flax path}. Strict: every key consumed, every parameter
@@ -197,16 +212,16 @@ def plan_conversion(shapes: Mapping[str, Tuple[int, ...]], model_type: Any = "au
         want = tuple(target[fkey].shape)
         if _flax_shape(module, leaf, tuple(shape)) != want:
             problems.append(f"{key}: shape {tuple(shape)}, expected {_torch_shape(fkey, want)}")
-    problems += [f"missing key {torch_key(k)} {_torch_shape(k, tuple(target[k].shape))}"
-                 for k in sorted(set(target) - set(mapping.values()))]
+    problems += [
+        f"missing key {torch_key(k)} {_torch_shape(k, tuple(target[k].shape))}"
+        for k in sorted(set(target) - set(mapping.values()))
+    ]
     if problems:
-        raise ConversionError(f"the checkpoint does not fit {describe(cfg)}: {len(problems)} problem(s)",
-                              problems)
+        raise ConversionError(f"the checkpoint does not fit {describe(cfg)}: {len(problems)} problem(s)", problems)
     return cfg, mapping
 
 
-def convert_state_dict(state_dict: Mapping[str, Any], model_type: Any = "auto"
-                       ) -> Tuple[SamConfig, Dict[str, Any]]:
+def convert_state_dict(state_dict: Mapping[str, Any], model_type: Any = "auto") -> Tuple[SamConfig, Dict[str, Any]]:
     """Official SAM state_dict (torch tensors or numpy arrays) -> (SamConfig, nested Flax params).
 
     `model_type`: "auto" (detect from shapes), a preset name or a SamConfig. Raises ConversionError
@@ -236,7 +251,8 @@ def export_state_dict(params: Mapping[str, Any]) -> Dict[str, np.ndarray]:
     for fkey, value in flatten_params(dict(params)).items():
         module, leaf = fkey.rsplit("/", 1)
         out[torch_key(fkey)] = np.ascontiguousarray(
-            _to_torch_layout(torch_module_path(module), leaf, np.asarray(value)))
+            _to_torch_layout(torch_module_path(module), leaf, np.asarray(value))
+        )
     return out
 
 
@@ -259,6 +275,7 @@ def unwrap(obj: Any) -> Mapping[str, Any]:
 
 # ---------------------------------------------------------------------------------------------
 # Reading .pth files
+
 
 def read_pth(path: str | os.PathLike) -> Mapping[str, Any]:
     """Reads an official checkpoint with torch.load(weights_only=True); never unpickles code."""
@@ -288,8 +305,10 @@ def _summarise_load_error(e: BaseException) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     glob = next((ln for ln in lines if "GLOBAL" in ln), None)
     if glob is not None:
-        return ("refused to load: the pickle asks for a non-tensor object, which could run code "
-                f"({glob}); nothing was executed")
+        return (
+            "refused to load: the pickle asks for a non-tensor object, which could run code "
+            f"({glob}); nothing was executed"
+        )
     if "zip archive" in text or "central directory" in text:
         return "the archive is truncated or corrupt (cannot read the zip central directory)"
     if isinstance(e, EOFError):

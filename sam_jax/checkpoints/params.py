@@ -28,8 +28,11 @@ def check_params(params: Params, model: Sam, source: str = "params") -> None:
     have = flatten_params(params)
     problems = [f"missing {k} {tuple(want[k].shape)}" for k in sorted(set(want) - set(have))]
     problems += [f"unexpected {k}" for k in sorted(set(have) - set(want))]
-    problems += [f"{k}: shape {tuple(np.shape(have[k]))}, expected {tuple(want[k].shape)}"
-                 for k in sorted(set(want) & set(have)) if tuple(np.shape(have[k])) != tuple(want[k].shape)]
+    problems += [
+        f"{k}: shape {tuple(np.shape(have[k]))}, expected {tuple(want[k].shape)}"
+        for k in sorted(set(want) & set(have))
+        if tuple(np.shape(have[k])) != tuple(want[k].shape)
+    ]
     if problems:
         head = "; ".join(problems[:6]) + (f"; ... ({len(problems)} problems)" if len(problems) > 6 else "")
         raise ValueError(f"{source} do not fit the model: {head}")

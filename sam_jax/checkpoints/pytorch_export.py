@@ -39,8 +39,9 @@ def _load_params(src: ParamsLike):
     raise TypeError(f"params_path_or_params must be a path or a params tree, got {type(src).__name__}")
 
 
-def export_pth(params_path_or_params: ParamsLike, out_path: Union[str, os.PathLike],
-               config: Any = None) -> Dict[str, Any]:
+def export_pth(
+    params_path_or_params: ParamsLike, out_path: Union[str, os.PathLike], config: Any = None
+) -> Dict[str, Any]:
     """Writes an official SAM state_dict to `out_path` and returns it ({key: torch.Tensor}).
 
     Args:
@@ -59,8 +60,7 @@ def export_pth(params_path_or_params: ParamsLike, out_path: Union[str, os.PathLi
     leaves = flatten_params(dict(params))
     adapters = sorted(k for k in leaves if "lora" in k.rsplit("/", 1)[-1])
     if adapters:
-        raise ConversionError("params hold LoRA adapters: merge them first (sam_jax.train.merge_lora)",
-                              adapters)
+        raise ConversionError("params hold LoRA adapters: merge them first (sam_jax.train.merge_lora)", adapters)
     state = export_state_dict(params)
     shapes = {k: tuple(np.shape(v)) for k, v in state.items()}
     cfg = file_config if config is None else config

@@ -31,8 +31,10 @@ from ..amg.checks import check_generator_args
 from ..checkpoints import load
 from .common import ImageError, Parser, UsageError, read_image, run_command
 
-CSV_HEADER = ("id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,predicted_iou,"
-              "stability_score,crop_box_x0,crop_box_y0,crop_box_w,crop_box_h")
+CSV_HEADER = (
+    "id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,predicted_iou,"
+    "stability_score,crop_box_x0,crop_box_y0,crop_box_w,crop_box_h"
+)
 
 
 def generator_options() -> List[Tuple[str, type, Any]]:
@@ -45,8 +47,12 @@ def generator_options() -> List[Tuple[str, type, Any]]:
         union = typing.get_origin(p.annotation) is typing.Union
         kinds = typing.get_args(p.annotation) if union else (p.annotation,)
         numeric = [k for k in kinds if k in (int, float)]
-        if (len(numeric) == 1 and all(k in (int, float, type(None)) for k in kinds)
-                and p.default is not inspect.Parameter.empty and p.default is not None):
+        if (
+            len(numeric) == 1
+            and all(k in (int, float, type(None)) for k in kinds)
+            and p.default is not inspect.Parameter.empty
+            and p.default is not None
+        ):
             out.append((name, numeric[0], p.default))
     return out
 
@@ -59,16 +65,29 @@ def build_parser(prog: str = "sam-jax amg") -> argparse.ArgumentParser:
     p.add_argument("input", help="an image, or a folder (every file directly inside it)")
     p.add_argument("--weights", required=True, help="converted weights (.safetensors) or official .pth")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
-    p.add_argument("--output-mode", choices=["coco_rle", "binary_mask"], default="coco_rle",
-                   help="coco_rle: NAME.json per image (needs pycocotools); binary_mask: NAME/*.png + metadata.csv")
+    p.add_argument(
+        "--output-mode",
+        choices=["coco_rle", "binary_mask"],
+        default="coco_rle",
+        help="coco_rle: NAME.json per image (needs pycocotools); binary_mask: NAME/*.png + metadata.csv",
+    )
     for name, typ, default in OPTIONS:
-        p.add_argument("--" + name.replace("_", "-"), type=typ, default=default, metavar=typ.__name__.upper(),
-                       help=f"generator option {name} (default {default:.4g})" if typ is float
-                       else f"generator option {name} (default {default})")
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=typ,
+            default=default,
+            metavar=typ.__name__.upper(),
+            help=f"generator option {name} (default {default:.4g})"
+            if typ is float
+            else f"generator option {name} (default {default})",
+        )
     p.add_argument("--overwrite", action="store_true", help="redo images whose output already exists")
-    p.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() (cluster auto-detection, or the three options "
-                        "below) and process this process's share of the files")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() (cluster auto-detection, or the three options "
+        "below) and process this process's share of the files",
+    )
     p.add_argument("--coordinator-address", help="with --distributed: host:port of process 0")
     p.add_argument("--num-processes", type=int, help="with --distributed: number of processes")
     p.add_argument("--process-id", type=int, help="with --distributed: this process's index")
@@ -78,8 +97,11 @@ def build_parser(prog: str = "sam-jax amg") -> argparse.ArgumentParser:
 
 def list_inputs(path: str) -> List[str]:
     if os.path.isdir(path):
-        files = sorted(os.path.join(path, f) for f in os.listdir(path)
-                       if not f.startswith(".") and os.path.isfile(os.path.join(path, f)))
+        files = sorted(
+            os.path.join(path, f)
+            for f in os.listdir(path)
+            if not f.startswith(".") and os.path.isfile(os.path.join(path, f))
+        )
         if not files:
             raise UsageError(f"folder {path} holds no files")
         return files
@@ -94,8 +116,14 @@ def output_names(files: Sequence[str]) -> Dict[str, str]:
     for f in files:
         stem = os.path.splitext(os.path.basename(f))[0]
         stems[stem] = stems.get(stem, 0) + 1
-    return {f: (os.path.splitext(os.path.basename(f))[0] if stems[os.path.splitext(os.path.basename(f))[0]] == 1
-                else os.path.basename(f)) for f in files}
+    return {
+        f: (
+            os.path.splitext(os.path.basename(f))[0]
+            if stems[os.path.splitext(os.path.basename(f))[0]] == 1
+            else os.path.basename(f)
+        )
+        for f in files
+    }
 
 
 def write_json(records: List[Dict[str, Any]], path: str) -> None:
@@ -112,8 +140,15 @@ def write_folder(records: List[Dict[str, Any]], path: str) -> None:
         rows = [CSV_HEADER]
         for i, r in enumerate(records):
             Image.fromarray(r["segmentation"].astype(np.uint8) * 255).save(os.path.join(tmp, f"{i}.png"))
-            fields = [i, r["area"], *r["bbox"], *r["point_coords"][0], r["predicted_iou"], r["stability_score"],
-                      *r["crop_box"]]
+            fields = [
+                i,
+                r["area"],
+                *r["bbox"],
+                *r["point_coords"][0],
+                r["predicted_iou"],
+                r["stability_score"],
+                *r["crop_box"],
+            ]
             rows.append(",".join(str(x) for x in fields))
         with open(os.path.join(tmp, "metadata.csv"), "w") as f:
             f.write("\n".join(rows))
@@ -137,16 +172,21 @@ def run(args: argparse.Namespace, prog: str) -> int:
         try:
             import pycocotools.mask  # noqa: F401
         except ImportError:
-            raise UsageError("--output-mode coco_rle needs pycocotools (pip install 'sam-jax[amg]'), "
-                             "or use --output-mode binary_mask") from None
+            raise UsageError(
+                "--output-mode coco_rle needs pycocotools (pip install 'sam-jax[amg]'), "
+                "or use --output-mode binary_mask"
+            ) from None
     files = list_inputs(args.input)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out} exists and is not a folder")
 
     import jax
 
-    explicit = {k: getattr(args, k) for k in ("coordinator_address", "num_processes", "process_id")
-                if getattr(args, k) is not None}
+    explicit = {
+        k: getattr(args, k)
+        for k in ("coordinator_address", "num_processes", "process_id")
+        if getattr(args, k) is not None
+    }
     if explicit and not args.distributed:
         raise UsageError("--coordinator-address, --num-processes and --process-id need --distributed")
     if args.distributed:
@@ -154,7 +194,7 @@ def run(args: argparse.Namespace, prog: str) -> int:
             jax.distributed.initialize(**explicit)
         except (ValueError, RuntimeError) as e:
             raise UsageError(f"--distributed: {e}") from None
-        files = files[jax.process_index()::jax.process_count()]
+        files = files[jax.process_index() :: jax.process_count()]
     try:
         model, params = load(args.weights)
     except (FileNotFoundError, ValueError) as e:
@@ -173,7 +213,7 @@ def run(args: argparse.Namespace, prog: str) -> int:
     step = len(gen.devices)
     for start in range(0, len(todo), step):
         batch, images = [], []
-        for f in todo[start:start + step]:
+        for f in todo[start : start + step]:
             try:
                 images.append(read_image(f))
                 batch.append(f)
@@ -191,8 +231,10 @@ def run(args: argparse.Namespace, prog: str) -> int:
     if bar is not None:
         bar.close()
     share = f" (process {jax.process_index()} of {jax.process_count()})" if args.distributed else ""
-    print(f"{len(files)} images{share}: {written} written, {len(skipped)} already done (skipped; --overwrite redoes "
-          f"them), {len(failed)} failed" + ("" if not failed else ": " + ", ".join(f for f, _ in failed)))
+    print(
+        f"{len(files)} images{share}: {written} written, {len(skipped)} already done (skipped; --overwrite redoes "
+        f"them), {len(failed)} failed" + ("" if not failed else ": " + ", ".join(f for f, _ in failed))
+    )
     return 1 if failed else 0
 
 

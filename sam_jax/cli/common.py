@@ -31,8 +31,12 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def run_command(argv: Optional[Sequence[str]], prog: str, build_parser: Callable[[str], argparse.ArgumentParser],
-                command: Callable[[argparse.Namespace, str], int]) -> int:
+def run_command(
+    argv: Optional[Sequence[str]],
+    prog: str,
+    build_parser: Callable[[str], argparse.ArgumentParser],
+    command: Callable[[argparse.Namespace, str], int],
+) -> int:
     """Parses `argv` and returns `command(args, prog)`, turning UsageError (exit 2) and OSError
     (exit 1) into one line on stderr. `--help` prints and exits 0 through argparse."""
     try:

@@ -31,19 +31,32 @@ TARGETS = ("sam_jax", "hf", "pytorch")
 
 
 def build_parser(prog: str = "sam-jax convert") -> argparse.ArgumentParser:
-    p = Parser(prog=prog, description="Convert an official SAM checkpoint (.pth) or Hugging Face "
-                                       "SAM weights into a sam_jax .safetensors file, or sam_jax "
-                                       "weights into a Hugging Face folder (--to hf) or an official "
-                                       "PyTorch .pth (--to pytorch).")
-    p.add_argument("src", help="sam_vit_b_01ec64.pth, a Hugging Face folder or model.safetensors, "
-                               "or (--to hf / pytorch) a sam_jax .safetensors file")
-    p.add_argument("dst", help="output: sam_vit_b.safetensors, a folder with --to hf, "
-                               "or OUT.pth with --to pytorch")
-    p.add_argument("--model-type", default="auto", choices=MODEL_TYPES,
-                   help="model size; 'auto' (default) detects it from the tensor shapes")
-    p.add_argument("--to", default="sam_jax", choices=TARGETS,
-                   help="output format: sam_jax (default), hf (config.json + model.safetensors) "
-                        "or pytorch (official state dict .pth)")
+    p = Parser(
+        prog=prog,
+        description="Convert an official SAM checkpoint (.pth) or Hugging Face "
+        "SAM weights into a sam_jax .safetensors file, or sam_jax "
+        "weights into a Hugging Face folder (--to hf) or an official "
+        "PyTorch .pth (--to pytorch).",
+    )
+    p.add_argument(
+        "src",
+        help="sam_vit_b_01ec64.pth, a Hugging Face folder or model.safetensors, "
+        "or (--to hf / pytorch) a sam_jax .safetensors file",
+    )
+    p.add_argument("dst", help="output: sam_vit_b.safetensors, a folder with --to hf, or OUT.pth with --to pytorch")
+    p.add_argument(
+        "--model-type",
+        default="auto",
+        choices=MODEL_TYPES,
+        help="model size; 'auto' (default) detects it from the tensor shapes",
+    )
+    p.add_argument(
+        "--to",
+        default="sam_jax",
+        choices=TARGETS,
+        help="output format: sam_jax (default), hf (config.json + model.safetensors) "
+        "or pytorch (official state dict .pth)",
+    )
     return p
 
 
@@ -78,8 +91,10 @@ def run(args: argparse.Namespace, prog: str) -> int:
     flat = flatten_params(params)
     n = sum(int(np.size(v)) for v in flat.values())
     out = f"{args.dst} (config.json, model.safetensors)" if to_hf else args.dst
-    print(f"{'exported' if to_hf or to_pt else 'converted'} {describe(cfg)}: {len(flat)} tensors, "
-          f"{n / 1e6:.1f} M values -> {out} ({time.perf_counter() - t0:.1f} s)")
+    print(
+        f"{'exported' if to_hf or to_pt else 'converted'} {describe(cfg)}: {len(flat)} tensors, "
+        f"{n / 1e6:.1f} M values -> {out} ({time.perf_counter() - t0:.1f} s)"
+    )
     return 0
 
 

@@ -43,7 +43,7 @@ def _numbers(text: str, n: int, what: str) -> List[float]:
 
 
 def parse_point(text: str) -> Tuple[float, float, int]:
-    """"x,y" or "x,y:label" (label 1 foreground, the default, or 0 background)."""
+    """ "x,y" or "x,y:label" (label 1 foreground, the default, or 0 background)."""
     xy, _, label = text.partition(":")
     x, y = _numbers(xy, 2, "--point")
     if label not in ("", "0", "1"):
@@ -56,8 +56,9 @@ def parse_box(text: str) -> Tuple[float, float, float, float]:
     return x0, y0, x1, y1
 
 
-def check_prompts(points: List[Tuple[float, float, int]], boxes: List[Tuple[float, ...]],
-                  size: Tuple[int, int]) -> None:
+def check_prompts(
+    points: List[Tuple[float, float, int]], boxes: List[Tuple[float, ...]], size: Tuple[int, int]
+) -> None:
     """Fails fast (before loading weights) on prompts outside the [0, W] x [0, H] image."""
     h, w = size
     for x, y, _ in points:
@@ -74,18 +75,35 @@ def build_parser(prog: str = "sam-jax segment") -> argparse.ArgumentParser:
     p = Parser(prog=prog, description="Segment an image with point and box prompts.")
     p.add_argument("image", help="photo to segment (any format Pillow reads)")
     p.add_argument("--weights", required=True, help="converted weights (.safetensors) or official .pth")
-    p.add_argument("--point", action="append", default=[], type=parse_point, metavar="X,Y[:LABEL]",
-                   help="a point prompt in pixels; label 1 (default) foreground, 0 background")
-    p.add_argument("--box", action="append", default=[], type=parse_box, metavar="X0,Y0,X1,Y1",
-                   help="a box prompt in pixels; repeat for several objects")
+    p.add_argument(
+        "--point",
+        action="append",
+        default=[],
+        type=parse_point,
+        metavar="X,Y[:LABEL]",
+        help="a point prompt in pixels; label 1 (default) foreground, 0 background",
+    )
+    p.add_argument(
+        "--box",
+        action="append",
+        default=[],
+        type=parse_box,
+        metavar="X0,Y0,X1,Y1",
+        help="a box prompt in pixels; repeat for several objects",
+    )
     p.add_argument("--single", action="store_true", help="one mask per prompt instead of three")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return p
 
 
-def overlay(image: np.ndarray, masks: List[np.ndarray], scores: List[float],
-            points: List[Tuple[float, float, int]], boxes: List[Tuple[float, ...]]) -> Image.Image:
+def overlay(
+    image: np.ndarray,
+    masks: List[np.ndarray],
+    scores: List[float],
+    points: List[Tuple[float, float, int]],
+    boxes: List[Tuple[float, ...]],
+) -> Image.Image:
     """The photo with one mask per prompt tinted, points (green 1 / red 0) and boxes drawn, and
     the scores in the top-left corner."""
     from PIL import Image, ImageDraw
@@ -100,8 +118,12 @@ def overlay(image: np.ndarray, masks: List[np.ndarray], scores: List[float],
     for i, b in enumerate(boxes):
         draw.rectangle(b, outline=PALETTE[i % len(PALETTE)], width=max(2, r // 2))
     for x, y, label in points:
-        draw.ellipse((x - r, y - r, x + r, y + r), fill=(0, 200, 0) if label == 1 else (220, 0, 0),
-                     outline=(255, 255, 255), width=max(1, r // 3))
+        draw.ellipse(
+            (x - r, y - r, x + r, y + r),
+            fill=(0, 200, 0) if label == 1 else (220, 0, 0),
+            outline=(255, 255, 255),
+            width=max(1, r // 3),
+        )
     text = "\n".join(f"prompt {i}: score {s:.3f}" for i, s in enumerate(scores))
     left, top, right, bottom = draw.multiline_textbbox((6, 6), text)
     draw.rectangle((left - 4, top - 4, right + 4, bottom + 4), fill=(0, 0, 0))
@@ -141,12 +163,20 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         raise UsageError(str(e)) from None
 
     os.makedirs(args.out, exist_ok=True)
-    report: Dict[str, Any] = {"image": args.image, "size": list(image.shape[:2]), "weights": args.weights,
-                              "multimask": multimask, "prompts": []}
+    report: Dict[str, Any] = {
+        "image": args.image,
+        "size": list(image.shape[:2]),
+        "weights": args.weights,
+        "multimask": multimask,
+        "prompts": [],
+    }
     best_masks, best_scores = [], []
     for p in range(len(masks)):
-        entry: Dict[str, Any] = {"points": [list(q) for q in args.point] if len(args.box) <= 1 else [],
-                                 "box": list(args.box[p]) if args.box else None, "masks": []}
+        entry: Dict[str, Any] = {
+            "points": [list(q) for q in args.point] if len(args.box) <= 1 else [],
+            "box": list(args.box[p]) if args.box else None,
+            "masks": [],
+        }
         for k in range(masks.shape[1]):
             path = os.path.join(args.out, f"mask_{p}_{k}.png")
             with atomic_file(path) as tmp:

@@ -86,8 +86,7 @@ class MLP(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         for i in range(self.num_layers):
             last = i == self.num_layers - 1
-            x = nn.Dense(self.output_dim if last else self.hidden_dim, dtype=self.dtype,
-                         name=f"layers_{i}")(x)
+            x = nn.Dense(self.output_dim if last else self.hidden_dim, dtype=self.dtype, name=f"layers_{i}")(x)
             if not last:
                 x = nn.relu(x)
         return x

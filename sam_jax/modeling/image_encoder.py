@@ -31,8 +31,7 @@ def window_partition(x: jax.Array, window: int) -> Tuple[jax.Array, Tuple[int, i
     return x, (hp, wp)
 
 
-def window_unpartition(x: jax.Array, window: int, padded_hw: Tuple[int, int],
-                       hw: Tuple[int, int]) -> jax.Array:
+def window_unpartition(x: jax.Array, window: int, padded_hw: Tuple[int, int], hw: Tuple[int, int]) -> jax.Array:
     """Inverse of `window_partition`, cropping the padding away."""
     hp, wp = padded_hw
     h, w = hw
@@ -51,8 +50,7 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: jax.Array) -> jax.Array:
     """
     max_dist = 2 * max(q_size, k_size) - 1
     if rel_pos.shape[0] != max_dist:
-        rel_pos = jax.image.resize(rel_pos, (max_dist, rel_pos.shape[1]), method="linear",
-                                   antialias=False)
+        rel_pos = jax.image.resize(rel_pos, (max_dist, rel_pos.shape[1]), method="linear", antialias=False)
     sq = max(k_size / q_size, 1.0)
     sk = max(q_size / k_size, 1.0)
     q_coords = jnp.arange(q_size, dtype=jnp.float32)[:, None] * sq
@@ -77,8 +75,9 @@ def check_attention_impl(impl: str) -> None:
         raise ValueError(f"attention_impl must be one of {list(ATTENTION_IMPLS)}, got {impl!r}")
 
 
-def rel_pos_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: jax.Array, rel_w: jax.Array,
-                      chunk_rows: Optional[int] = None) -> jax.Array:
+def rel_pos_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, rel_h: jax.Array, rel_w: jax.Array, chunk_rows: Optional[int] = None
+) -> jax.Array:
     """softmax(scale * q.k + rel_h + rel_w) @ v over a grid.
 
     q: (B, nH, H, W, hd), already scaled; k, v: (B, nH, H*W, hd); rel_h: (B, nH, H, W, H) and
@@ -170,12 +169,17 @@ class Attention(nn.Module):
             def bthd(t):  # (B, nH, N, hd) -> (B, N, nH, hd)
                 return t.transpose(0, 2, 1, 3)
 
-            out = jax.nn.dot_product_attention(bthd(q.reshape(b, n, h * w, hd)), bthd(k), bthd(v),
-                                               bias=bias.astype(q.dtype), scale=hd ** -0.5,
-                                               implementation=backend.fused_attention_kernel(q.dtype, hd))
+            out = jax.nn.dot_product_attention(
+                bthd(q.reshape(b, n, h * w, hd)),
+                bthd(k),
+                bthd(v),
+                bias=bias.astype(q.dtype),
+                scale=hd**-0.5,
+                implementation=backend.fused_attention_kernel(q.dtype, hd),
+            )
             out = out.reshape(b, h, w, dim)
         else:
-            out = rel_pos_attention(q * (hd ** -0.5), k, v, rel_h, rel_w, backend.attention_chunk_rows(h, w))
+            out = rel_pos_attention(q * (hd**-0.5), k, v, rel_h, rel_w, backend.attention_chunk_rows(h, w))
             out = out.transpose(0, 2, 1, 3).reshape(b, h, w, dim)
         if self.window_size > 0:
             out = window_unpartition(out, self.window_size, padded, (gh, gw))
@@ -201,8 +205,14 @@ class Block(nn.Module):
         if part != "mlp":
             y = layer_norm(SAM_LN_EPS, "norm1", self.dtype)(x)
             size = self.window_size if self.window_size > 0 else self.grid_size
-            x = x + Attention(self.num_heads, (size, size), dtype=self.dtype, window_size=self.window_size,
-                              attention_impl=self.attention_impl, name="attn")(y)
+            x = x + Attention(
+                self.num_heads,
+                (size, size),
+                dtype=self.dtype,
+                window_size=self.window_size,
+                attention_impl=self.attention_impl,
+                name="attn",
+            )(y)
         if part != "attn":
             y = layer_norm(SAM_LN_EPS, "norm2", self.dtype)(x)
             x = x + MLPBlock(int(dim * self.mlp_ratio), gelu, dtype=self.dtype, name="mlp")(y)
@@ -239,15 +249,19 @@ class ImageEncoderViT(nn.Module):
             raise ValueError(f"layers must be (start, stop) with 0 <= start < stop <= {n}, got {layers}")
         if start == 0:
             if x.ndim != 4 or x.shape[1:] != (self.img_size, self.img_size, 3):
-                raise ValueError(f"images must have shape (B, {self.img_size}, {self.img_size}, 3) "
-                                 f"(NHWC, normalised and padded), got {tuple(x.shape)}")
+                raise ValueError(
+                    f"images must have shape (B, {self.img_size}, {self.img_size}, 3) "
+                    f"(NHWC, normalised and padded), got {tuple(x.shape)}"
+                )
             p = self.patch_size
             x = PatchEmbed(self.embed_dim, p, dtype=self.dtype, name="patch_embed")(x)
             pos_embed = self.param("pos_embed", nn.initializers.zeros, (1, grid, grid, self.embed_dim))
             x = x + pos_embed.astype(x.dtype)
         elif x.ndim != 4 or x.shape[1:] != (grid, grid, self.embed_dim):
-            raise ValueError(f"tokens between encoder stages must have shape (B, {grid}, {grid}, "
-                             f"{self.embed_dim}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"tokens between encoder stages must have shape (B, {grid}, {grid}, "
+                f"{self.embed_dim}), got {tuple(x.shape)}"
+            )
         i = start
         while i < stop:
             b = i // 2
@@ -255,8 +269,15 @@ class ImageEncoderViT(nn.Module):
             whole = i % 2 == 0 and i + 2 <= stop
             # Remat only matters under a gradient (training runs whole blocks, layers=None).
             block_cls = nn.remat(Block) if self.remat_blocks and whole else Block
-            block = block_cls(self.num_heads, self.mlp_ratio, window, grid, dtype=self.dtype,
-                              attention_impl=self.attention_impl, name=f"blocks_{b}")
+            block = block_cls(
+                self.num_heads,
+                self.mlp_ratio,
+                window,
+                grid,
+                dtype=self.dtype,
+                attention_impl=self.attention_impl,
+                name=f"blocks_{b}",
+            )
             x = block(x) if whole else block(x, "attn" if i % 2 == 0 else "mlp")
             i += 2 if whole else 1
         if stop < n:
@@ -299,7 +320,7 @@ class _Conv3x3(nn.Module):
         xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
         # Column block (i, j) holds input pixel (y + i - 1, x + j - 1): kernel[i, j] in flax's
         # (cross-correlation) convention, hence the (i, j, c) order of the reshaped kernel.
-        cols = jnp.concatenate([xp[:, i:i + h, j:j + w] for i in range(3) for j in range(3)], axis=-1)
+        cols = jnp.concatenate([xp[:, i : i + h, j : j + w] for i in range(3) for j in range(3)], axis=-1)
         return cols @ kernel.reshape(9 * c, self.features)
 
 
@@ -330,5 +351,5 @@ class _PatchProj(nn.Module):
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         b, hh, ww = x.shape[0], x.shape[1] // p, x.shape[2] // p
-        patches = x[:, :hh * p, :ww * p].reshape(b, hh, p, ww, p, c).transpose(0, 1, 3, 2, 4, 5)
+        patches = x[:, : hh * p, : ww * p].reshape(b, hh, p, ww, p, c).transpose(0, 1, 3, 2, 4, 5)
         return patches.reshape(b, hh, ww, p * p * c) @ kernel.reshape(p * p * c, self.features) + bias

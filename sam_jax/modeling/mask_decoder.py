@@ -45,14 +45,16 @@ class MaskDecoder(nn.Module):
         n_mask = self.num_multimask_outputs + 1
         self.iou_token = nn.Embed(1, c)
         self.mask_tokens = nn.Embed(n_mask, c)
-        self.transformer = TwoWayTransformer(self.transformer_depth, c, self.transformer_num_heads,
-                                             self.transformer_mlp_dim, dtype=dt)
+        self.transformer = TwoWayTransformer(
+            self.transformer_depth, c, self.transformer_num_heads, self.transformer_mlp_dim, dtype=dt
+        )
         # The two ConvTranspose2d(kernel 2, stride 2) of the official output_upscaling, as matmuls
         # (their taps do not overlap); see `upscale` for the layouts.
         if c <= CHANNELS_FIRST_MAX_DIM:
             self.output_upscaling_0 = _ConvTranspose2x2(c, c // 4, dt, "nhwc->nchw")
-            self.output_upscaling_1 = nn.LayerNorm(SAM_LN_EPS, use_fast_variance=False, reduction_axes=1,
-                                                   feature_axes=1, dtype=dt)
+            self.output_upscaling_1 = nn.LayerNorm(
+                SAM_LN_EPS, use_fast_variance=False, reduction_axes=1, feature_axes=1, dtype=dt
+            )
             self.output_upscaling_3 = _ConvTranspose2x2(c // 4, c // 8, dt, "nchw")
         else:
             self.output_upscaling_0 = _ConvTranspose2x2(c, c // 4, dt)
@@ -80,8 +82,14 @@ class MaskDecoder(nn.Module):
         num_multimask_outputs when multimask_output, else 1.
         """
         iou_pred, hyper_in, image_tokens = self.predict_tokens(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, multimask_output,
-            token_valid, image_context)
+            image_embeddings,
+            image_pe,
+            sparse_prompt_embeddings,
+            dense_prompt_embeddings,
+            multimask_output,
+            token_valid,
+            image_context,
+        )
         return self.upscale(image_tokens, hyper_in), iou_pred
 
     def predict_tokens(
@@ -118,17 +126,25 @@ class MaskDecoder(nn.Module):
         hh, ww = src.shape[1:3]
         # Only the IoU token and the mask tokens have outputs that are read: the final attention
         # runs for those alone (the prompt tokens' outputs are discarded officially).
-        hs, src = self.transformer(src, jnp.reshape(image_pe, (1, hh, ww, c)), tokens, token_valid,
-                                   image_context, output_tokens=tuple(range(1 + n_mask)))
+        hs, src = self.transformer(
+            src,
+            jnp.reshape(image_pe, (1, hh, ww, c)),
+            tokens,
+            token_valid,
+            image_context,
+            output_tokens=tuple(range(1 + n_mask)),
+        )
         iou_token_out = hs[:, 0]
-        mask_tokens_out = hs[:, 1:1 + n_mask]
+        mask_tokens_out = hs[:, 1 : 1 + n_mask]
 
         # Only the masks that are returned (officially all n_mask are computed, then sliced): the
         # hypernetwork MLPs of the others run only while initialising, to create their params.
         sl = slice(1, None) if multimask_output else slice(0, 1)
         wanted = range(n_mask)[sl]
-        hyper = {i: self.output_hypernetworks_mlps[i](mask_tokens_out[:, i])
-                 for i in (range(n_mask) if self.is_initializing() else wanted)}
+        hyper = {
+            i: self.output_hypernetworks_mlps[i](mask_tokens_out[:, i])
+            for i in (range(n_mask) if self.is_initializing() else wanted)
+        }
         hyper_in = jnp.stack([hyper[i] for i in wanted], axis=1)  # (B, M, C/8)
         iou_pred = self.iou_prediction_head(iou_token_out)
         return iou_pred[:, sl], hyper_in, src.reshape(b, hh, ww, c)

@@ -27,7 +27,8 @@ class PositionEmbeddingRandom(nn.Module):
 
     def setup(self) -> None:
         self.positional_encoding_gaussian_matrix = self.param(
-            "positional_encoding_gaussian_matrix", nn.initializers.normal(1.0), (2, self.num_pos_feats))
+            "positional_encoding_gaussian_matrix", nn.initializers.normal(1.0), (2, self.num_pos_feats)
+        )
 
     def encode(self, coords: jax.Array) -> jax.Array:
         """coords in [0, 1]^2, (..., 2) as (x, y) -> (..., 2 * num_pos_feats) as [sin | cos]."""
@@ -104,8 +105,7 @@ class PromptEncoder(nn.Module):
         corners = boxes.astype(jnp.float32).reshape(-1, 2, 2) + 0.5
         s = self.input_image_size
         pe = self.pe_layer.with_coords(corners, (s, s))
-        corner_type = jnp.stack([self.point_embeddings[2].embedding[0],
-                                 self.point_embeddings[3].embedding[0]])
+        corner_type = jnp.stack([self.point_embeddings[2].embedding[0], self.point_embeddings[3].embedding[0]])
         return pe + corner_type
 
     def _embed_masks(self, masks: jax.Array) -> jax.Array:

@@ -54,19 +54,36 @@ class Sam(nn.Module):
         cfg = self.config
         check_attention_impl(self.attention_impl)
         self.image_encoder = ImageEncoderViT(
-            embed_dim=cfg.encoder_embed_dim, depth=cfg.encoder_depth, num_heads=cfg.encoder_num_heads,
-            global_attn_indexes=cfg.encoder_global_attn_indexes, img_size=cfg.image_size,
-            patch_size=cfg.patch_size, window_size=cfg.window_size, mlp_ratio=cfg.mlp_ratio,
-            out_chans=cfg.prompt_embed_dim, dtype=self.dtype, remat_blocks=self.remat_encoder,
-            attention_impl=self.attention_impl)
+            embed_dim=cfg.encoder_embed_dim,
+            depth=cfg.encoder_depth,
+            num_heads=cfg.encoder_num_heads,
+            global_attn_indexes=cfg.encoder_global_attn_indexes,
+            img_size=cfg.image_size,
+            patch_size=cfg.patch_size,
+            window_size=cfg.window_size,
+            mlp_ratio=cfg.mlp_ratio,
+            out_chans=cfg.prompt_embed_dim,
+            dtype=self.dtype,
+            remat_blocks=self.remat_encoder,
+            attention_impl=self.attention_impl,
+        )
         self.prompt_encoder = PromptEncoder(
-            embed_dim=cfg.prompt_embed_dim, image_embedding_size=cfg.embedding_size,
-            input_image_size=cfg.image_size, mask_in_chans=cfg.mask_in_chans, dtype=self.dtype)
+            embed_dim=cfg.prompt_embed_dim,
+            image_embedding_size=cfg.embedding_size,
+            input_image_size=cfg.image_size,
+            mask_in_chans=cfg.mask_in_chans,
+            dtype=self.dtype,
+        )
         self.mask_decoder = MaskDecoder(
-            transformer_dim=cfg.prompt_embed_dim, transformer_depth=cfg.decoder_depth,
-            transformer_num_heads=cfg.decoder_num_heads, transformer_mlp_dim=cfg.decoder_mlp_dim,
-            num_multimask_outputs=cfg.num_multimask_outputs, iou_head_depth=cfg.iou_head_depth,
-            iou_head_hidden_dim=cfg.iou_head_hidden_dim, dtype=self.dtype)
+            transformer_dim=cfg.prompt_embed_dim,
+            transformer_depth=cfg.decoder_depth,
+            transformer_num_heads=cfg.decoder_num_heads,
+            transformer_mlp_dim=cfg.decoder_mlp_dim,
+            num_multimask_outputs=cfg.num_multimask_outputs,
+            iou_head_depth=cfg.iou_head_depth,
+            iou_head_hidden_dim=cfg.iou_head_hidden_dim,
+            dtype=self.dtype,
+        )
 
     def encode_image(self, images: jax.Array) -> jax.Array:
         """(B, S, S, 3) preprocessed NHWC images -> (B, h, w, C) NHWC embeddings (float32)."""
@@ -115,8 +132,9 @@ class Sam(nn.Module):
         Returns:
           low-res mask logits (B, M, 4h, 4w) and IoU predictions (B, M), float32.
         """
-        iou, hyper, image_tokens = self.decode_tokens(image_embeddings, point_coords, point_labels, boxes,
-                                                      mask_inputs, multimask_output, image_context, image_pe)
+        iou, hyper, image_tokens = self.decode_tokens(
+            image_embeddings, point_coords, point_labels, boxes, mask_inputs, multimask_output, image_context, image_pe
+        )
         return self.decode_masks(image_tokens, hyper), iou
 
     def decode_tokens(
@@ -138,12 +156,15 @@ class Sam(nn.Module):
         equals those rows of `decode`'s logits.
         """
         if image_context is not None and mask_inputs is not None:
-            raise ValueError("image_context holds the image side for prompts WITHOUT a mask input; "
-                             "pass image_context=None with mask_inputs")
+            raise ValueError(
+                "image_context holds the image side for prompts WITHOUT a mask input; "
+                "pass image_context=None with mask_inputs"
+            )
         sparse, dense, valid = self.prompt_encoder(point_coords, point_labels, boxes, mask_inputs)
         pe = self.prompt_encoder.get_dense_pe() if image_pe is None else image_pe
         iou, hyper, image_tokens = self.mask_decoder.predict_tokens(
-            image_embeddings, pe, sparse, dense, multimask_output, token_valid=valid, image_context=image_context)
+            image_embeddings, pe, sparse, dense, multimask_output, token_valid=valid, image_context=image_context
+        )
         return iou.astype(jnp.float32), hyper, image_tokens
 
     def decode_masks(self, image_tokens: jax.Array, hyper: jax.Array) -> jax.Array:
@@ -151,11 +172,11 @@ class Sam(nn.Module):
         (the same K rows of both) -> low-res mask logits (K, M, 4h, 4w), float32."""
         return self.mask_decoder.upscale(image_tokens, hyper).astype(jnp.float32)
 
-    def __call__(self, images, point_coords=None, point_labels=None, boxes=None, mask_inputs=None,
-                 multimask_output: bool = True):
+    def __call__(
+        self, images, point_coords=None, point_labels=None, boxes=None, mask_inputs=None, multimask_output: bool = True
+    ):
         """encode_image then decode."""
-        return self.decode(self.encode_image(images), point_coords, point_labels, boxes, mask_inputs,
-                           multimask_output)
+        return self.decode(self.encode_image(images), point_coords, point_labels, boxes, mask_inputs, multimask_output)
 
     def init_all(self, images, point_coords, point_labels, boxes, mask_inputs):
         """Touches every parameter (a mask prompt, and no mask prompt): `init` goes through here."""

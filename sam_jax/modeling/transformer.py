@@ -34,11 +34,17 @@ def attention_plan(n_q: int, n_k: int, dim: int, internal: int, heads: int) -> s
         "standard": proj + 2 * n_q * n_k * internal,
         # q projected; keys/values stay `dim` wide: scores and the weighted sum cost n_k*dim per
         # (query, head); the value and output projections then act on n_q*heads vectors.
-        "few_queries": (n_q * dim * internal + n_q * heads * hd * dim + 2 * n_k * dim * n_q * heads
-                        + n_q * heads * dim * hd + n_q * internal * dim),
+        "few_queries": (
+            n_q * dim * internal
+            + n_q * heads * hd * dim
+            + 2 * n_k * dim * n_q * heads
+            + n_q * heads * dim * hd
+            + n_q * internal * dim
+        ),
         # k, v projected; queries stay `dim` wide; the output projection is folded into the values.
-        "few_keys": (2 * n_k * dim * internal + n_k * heads * hd * dim + n_k * heads * hd * dim
-                     + 2 * n_q * dim * n_k * heads),
+        "few_keys": (
+            2 * n_k * dim * internal + n_k * heads * hd * dim + n_k * heads * hd * dim + 2 * n_q * dim * n_k * heads
+        ),
     }
     return min(cost, key=cost.get)
 
@@ -70,9 +76,14 @@ class Attention(nn.Module):
     plan: Optional[str] = None
 
     @nn.compact
-    def __call__(self, q: Optional[jax.Array], k: Optional[jax.Array], v: Optional[jax.Array],
-                 key_valid: Optional[jax.Array] = None,
-                 projected: Optional[Dict[str, jax.Array]] = None) -> jax.Array:
+    def __call__(
+        self,
+        q: Optional[jax.Array],
+        k: Optional[jax.Array],
+        v: Optional[jax.Array],
+        key_valid: Optional[jax.Array] = None,
+        projected: Optional[Dict[str, jax.Array]] = None,
+    ) -> jax.Array:
         """q (B, Nq, C), k and v (B, Nk, C); key_valid (B, Nk) bool masks keys out when False."""
         c, heads = self.embedding_dim, self.num_heads
         internal = c // self.downsample_rate
@@ -84,7 +95,8 @@ class Attention(nn.Module):
         if projected is not None:
             return self._with_projected(projected, q, k, v, key_valid, (wq, bq, wk, bk, wv, bv, wo, bo))
         q, k, v, wq, bq, wk, bk, wv, bv, wo, bo = nn.dtypes.promote_dtype(
-            q, k, v, wq, bq, wk, bk, wv, bv, wo, bo, dtype=self.dtype)
+            q, k, v, wq, bq, wk, bk, wv, bv, wo, bo, dtype=self.dtype
+        )
         b, n_q, n_k = q.shape[0], q.shape[1], k.shape[1]
         scale = jnp.sqrt(jnp.asarray(hd, q.dtype))
         plan = self.plan or attention_plan(n_q, n_k, c, internal, heads)
@@ -143,7 +155,8 @@ class Attention(nn.Module):
 
         if set(projected) == {"k", "v"}:  # tokens q attend to the projected image side
             pk, pv, q, wq, bq, wo, bo = nn.dtypes.promote_dtype(
-                projected["k"][0], projected["v"][0], q, wq, bq, wo, bo, dtype=self.dtype)
+                projected["k"][0], projected["v"][0], q, wq, bq, wo, bo, dtype=self.dtype
+            )
             qh = (q @ wq + bq).reshape(*q.shape[:2], heads, -1)
             scale = jnp.sqrt(jnp.asarray(qh.shape[-1], qh.dtype))
             scores = jnp.einsum("bqhd,hkd->bhqk", qh, pk) / scale
@@ -152,7 +165,8 @@ class Attention(nn.Module):
             return out.reshape(*out.shape[:2], -1) @ wo + bo
         if set(projected) == {"q"}:  # the projected image side attends to tokens k, v
             pq, k, v, wk, bk, wv, bv, wo, bo = nn.dtypes.promote_dtype(
-                projected["q"][0], k, v, wk, bk, wv, bv, wo, bo, dtype=self.dtype)
+                projected["q"][0], k, v, wk, bk, wv, bv, wo, bo, dtype=self.dtype
+            )
             kh = (k @ wk + bk).reshape(*k.shape[:2], heads, -1)
             vh = (v @ wv + bv).reshape(*v.shape[:2], heads, -1)
             scale = jnp.sqrt(jnp.asarray(kh.shape[-1], kh.dtype))
@@ -194,8 +208,9 @@ class TwoWayAttentionBlock(nn.Module):
             k = keys + key_pe
             queries = queries + t2i(queries + query_pe, k, keys)
         else:
-            queries = queries + t2i(queries + query_pe, None, None, projected={
-                "k": image_context["t2i_k"], "v": image_context["t2i_v"]})
+            queries = queries + t2i(
+                queries + query_pe, None, None, projected={"k": image_context["t2i_k"], "v": image_context["t2i_v"]}
+            )
         queries = layer_norm(TORCH_LN_EPS, "norm2", dt)(queries)
 
         queries = queries + MLPBlock(self.mlp_dim, nn.relu, dtype=dt, name="mlp")(queries)
@@ -229,10 +244,15 @@ class TwoWayTransformer(nn.Module):
     dtype: Dtype = None
 
     @nn.compact
-    def __call__(self, image_embedding: jax.Array, image_pe: jax.Array, point_embedding: jax.Array,
-                 token_valid: Optional[jax.Array] = None,
-                 image_context: Optional[Dict[str, jax.Array]] = None,
-                 output_tokens: Optional[Tuple[int, ...]] = None) -> Tuple[jax.Array, jax.Array]:
+    def __call__(
+        self,
+        image_embedding: jax.Array,
+        image_pe: jax.Array,
+        point_embedding: jax.Array,
+        token_valid: Optional[jax.Array] = None,
+        image_context: Optional[Dict[str, jax.Array]] = None,
+        output_tokens: Optional[Tuple[int, ...]] = None,
+    ) -> Tuple[jax.Array, jax.Array]:
         """image_embedding and image_pe (B or 1, h, w, C) NHWC; point_embedding (B, T, C).
 
         image_context: optional `image_context(...)` of this image_embedding (batch 1): layer 0
@@ -249,22 +269,29 @@ class TwoWayTransformer(nn.Module):
         queries = point_embedding
         for i in range(self.depth):
             queries, keys = TwoWayAttentionBlock(
-                c, self.num_heads, self.mlp_dim, self.downsample_rate, skip_first_layer_pe=(i == 0),
-                dtype=self.dtype, name=f"layers_{i}")(queries, keys, point_embedding, key_pe, token_valid,
-                                                      image_context if i == 0 else None)
+                c,
+                self.num_heads,
+                self.mlp_dim,
+                self.downsample_rate,
+                skip_first_layer_pe=(i == 0),
+                dtype=self.dtype,
+                name=f"layers_{i}",
+            )(queries, keys, point_embedding, key_pe, token_valid, image_context if i == 0 else None)
         keys = jnp.broadcast_to(keys, (point_embedding.shape[0], *keys.shape[1:]))
         if output_tokens is not None:
             idx = jnp.asarray(output_tokens, jnp.int32)
             queries, point_embedding = jnp.take(queries, idx, axis=1), jnp.take(point_embedding, idx, axis=1)
         q, k = queries + point_embedding, keys + key_pe
-        queries = queries + Attention(c, self.num_heads, self.downsample_rate, dtype=self.dtype,
-                                      name="final_attn_token_to_image")(q, k, keys)
+        queries = queries + Attention(
+            c, self.num_heads, self.downsample_rate, dtype=self.dtype, name="final_attn_token_to_image"
+        )(q, k, keys)
         queries = layer_norm(TORCH_LN_EPS, "norm_final_attn", self.dtype)(queries)
         return queries, keys
 
 
-def image_context(params: Dict, image_embedding: jax.Array, image_pe: jax.Array,
-                  num_heads: int) -> Dict[str, jax.Array]:
+def image_context(
+    params: Dict, image_embedding: jax.Array, image_pe: jax.Array, num_heads: int
+) -> Dict[str, jax.Array]:
     """What layer 0 of the two-way transformer computes from the image alone, for prompts
     without a mask input (the dense prompt is then the constant no-mask embedding).
 
@@ -296,5 +323,9 @@ def image_context(params: Dict, image_embedding: jax.Array, image_pe: jax.Array,
         return y.reshape(1, n, num_heads, -1).transpose(0, 2, 1, 3)
 
     t2i, i2t = layer["cross_attn_token_to_image"], layer["cross_attn_image_to_token"]
-    return {"src": src, "t2i_k": proj(t2i["k_proj"], k),
-            "t2i_v": proj(t2i["v_proj"], flat).transpose(0, 1, 3, 2), "i2t_q": proj(i2t["q_proj"], k)}
+    return {
+        "src": src,
+        "t2i_k": proj(t2i["k_proj"], k),
+        "t2i_v": proj(t2i["v_proj"], flat).transpose(0, 1, 3, 2),
+        "i2t_q": proj(i2t["q_proj"], k),
+    }

@@ -10,14 +10,41 @@ from .evaluate import single_point_iou
 from .losses import LossConfig, dice_loss, mask_iou, sam_loss, sigmoid_focal_loss, upsample_logits
 from .lora import DEFAULT_TARGETS, add_lora, has_lora, lora_model, merge_lora
 from .objective import decode_loss, interactive_loss
-from .prompts import (PromptConfig, mask_boxes, noisy_boxes, point_schedule,
-                      sample_corrective_points, sample_foreground_points)
+from .prompts import (
+    PromptConfig,
+    mask_boxes,
+    noisy_boxes,
+    point_schedule,
+    sample_corrective_points,
+    sample_foreground_points,
+)
 from .step import TrainConfig, TrainState, make_optimizer, make_train_step, param_labels
 
 __all__ = [
-    "Checkpointer", "DEFAULT_TARGETS", "LossConfig", "PromptConfig", "TrainConfig", "TrainState", "add_lora",
-    "decode_loss", "dice_loss", "has_lora", "interactive_loss", "lora_model", "make_optimizer",
-    "make_train_step", "mask_boxes", "mask_iou", "merge_lora", "noisy_boxes", "param_labels",
-    "point_schedule", "sam_loss", "sample_corrective_points", "sample_foreground_points",
-    "sigmoid_focal_loss", "single_point_iou", "upsample_logits",
+    "Checkpointer",
+    "DEFAULT_TARGETS",
+    "LossConfig",
+    "PromptConfig",
+    "TrainConfig",
+    "TrainState",
+    "add_lora",
+    "decode_loss",
+    "dice_loss",
+    "has_lora",
+    "interactive_loss",
+    "lora_model",
+    "make_optimizer",
+    "make_train_step",
+    "mask_boxes",
+    "mask_iou",
+    "merge_lora",
+    "noisy_boxes",
+    "param_labels",
+    "point_schedule",
+    "sam_loss",
+    "sample_corrective_points",
+    "sample_foreground_points",
+    "sigmoid_focal_loss",
+    "single_point_iou",
+    "upsample_logits",
 ]

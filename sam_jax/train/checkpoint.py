@@ -39,7 +39,8 @@ class Checkpointer:
         self.directory = os.path.abspath(os.fspath(directory))
         self._ocp = ocp
         self._manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+        )
 
     def save(self, state: TrainState, wait: bool = True) -> int:
         """Writes `state` under its step number; returns the step. `wait=False` writes in the

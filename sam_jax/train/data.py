@@ -39,8 +39,9 @@ class Samples:
         return int(self.images.shape[1])
 
 
-def prepare(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], image_size: int,
-            names: Optional[Sequence[str]] = None) -> Samples:
+def prepare(
+    images: Sequence[np.ndarray], masks: Sequence[np.ndarray], image_size: int, names: Optional[Sequence[str]] = None
+) -> Samples:
     """Original uint8 (H, W, 3) images and bool (K, H, W) masks -> `Samples` at input size S.
 
     Images are resized with Pillow's bilinear (as the official preprocessing), masks with nearest
@@ -56,8 +57,7 @@ def prepare(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], image_siz
         if not len(m):
             continue
         h, w = get_preprocess_shape(*img.shape[:2], image_size)
-        resized = [np.asarray(Image.fromarray(x.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 127
-                   for x in m]
+        resized = [np.asarray(Image.fromarray(x.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 127 for x in m]
         padded = np.zeros((len(m), image_size, image_size), bool)
         padded[:, :h, :w] = np.stack(resized)
         padded = padded[padded.reshape(len(padded), -1).any(axis=1)]
@@ -165,8 +165,7 @@ def sample_images(rng: np.random.Generator, samples: Samples, n: int, by: str = 
     return rng.choice(len(samples), n, p=counts / counts.sum())
 
 
-def sample_masks(rng: np.random.Generator, samples: Samples, indices: np.ndarray,
-                 objects_per_image: int) -> np.ndarray:
+def sample_masks(rng: np.random.Generator, samples: Samples, indices: np.ndarray, objects_per_image: int) -> np.ndarray:
     """For each image index, `objects_per_image` of its masks drawn without replacement when it
     has enough (with replacement otherwise) -> bool (B, K, S, S)."""
     out = []
@@ -177,8 +176,14 @@ def sample_masks(rng: np.random.Generator, samples: Samples, indices: np.ndarray
     return np.stack(out)
 
 
-def augment(rng: np.random.Generator, images: np.ndarray, sizes: np.ndarray, masks: np.ndarray,
-            colour: bool = True, geometric: bool = True):
+def augment(
+    rng: np.random.Generator,
+    images: np.ndarray,
+    sizes: np.ndarray,
+    masks: np.ndarray,
+    colour: bool = True,
+    geometric: bool = True,
+):
     """Random label-preserving augmentation of a batch in the model-input frame.
 
     Args:
@@ -199,8 +204,9 @@ def augment(rng: np.random.Generator, images: np.ndarray, sizes: np.ndarray, mas
         raise ValueError(f"masks must be (B, K, S, S) matching images {images.shape}, got {masks.shape}")
     s = images.shape[1]
     if sizes.shape != (len(images), 2) or (sizes < 1).any() or (sizes > s).any():
-        raise ValueError(f"sizes must be (B, 2) valid (h, w) in 1..{s} for images {images.shape}, "
-                         f"got shape {sizes.shape}")
+        raise ValueError(
+            f"sizes must be (B, 2) valid (h, w) in 1..{s} for images {images.shape}, got shape {sizes.shape}"
+        )
     out_i, out_m = images.copy(), masks.copy()
     for b in range(len(images)):
         h, w = (int(v) for v in sizes[b])
@@ -221,8 +227,9 @@ def augment(rng: np.random.Generator, images: np.ndarray, sizes: np.ndarray, mas
     return out_i, out_m
 
 
-def cache_embeddings(encode, samples: Samples, batch_size: int = 8, path: Optional[str] = None,
-                     tag: str = "") -> np.ndarray:
+def cache_embeddings(
+    encode, samples: Samples, batch_size: int = 8, path: Optional[str] = None, tag: str = ""
+) -> np.ndarray:
     """Image embeddings (N, h, w, C) float32 of every image, computed once in batches of
     `batch_size` with `encode(images uint8 (B, S, S, 3), sizes (B, 2)) -> (B, h, w, C)`.
 
@@ -234,7 +241,7 @@ def cache_embeddings(encode, samples: Samples, batch_size: int = 8, path: Option
                 return z["embeddings"]
     chunks = []
     for i in range(0, len(samples), batch_size):
-        imgs, sizes = samples.images[i:i + batch_size], samples.sizes[i:i + batch_size]
+        imgs, sizes = samples.images[i : i + batch_size], samples.sizes[i : i + batch_size]
         n = len(imgs)
         if n < batch_size:  # one compiled shape: pad the last batch
             imgs = np.concatenate([imgs, np.zeros((batch_size - n, *imgs.shape[1:]), imgs.dtype)])

@@ -19,16 +19,24 @@ Params = Dict[str, Any]
 def _single_point(model: Sam, params: Params, embeddings: jax.Array, gt: jax.Array, points: jax.Array):
     s = gt.shape[-1]
     labels = jnp.ones(points.shape[:1] + (1,), jnp.int32)
-    logits, iou_pred = model.apply({"params": params}, embeddings, points[:, None], labels,
-                                   multimask_output=True, method="decode")
+    logits, iou_pred = model.apply(
+        {"params": params}, embeddings, points[:, None], labels, multimask_output=True, method="decode"
+    )
     best = jnp.argmax(iou_pred, axis=1)
     chosen = jnp.take_along_axis(logits, best[:, None, None, None], axis=1)[:, 0]
     pred = upsample_logits(chosen, s) > 0.0
     return mask_iou(pred, gt), pred
 
 
-def single_point_iou(model: Sam, params: Params, embeddings: np.ndarray, gt_masks: np.ndarray,
-                     points: np.ndarray, batch_size: int = 16, return_masks: bool = False):
+def single_point_iou(
+    model: Sam,
+    params: Params,
+    embeddings: np.ndarray,
+    gt_masks: np.ndarray,
+    points: np.ndarray,
+    batch_size: int = 16,
+    return_masks: bool = False,
+):
     """IoU of the predicted mask from one positive point per ground-truth mask.
 
     Args:
@@ -42,8 +50,9 @@ def single_point_iou(model: Sam, params: Params, embeddings: np.ndarray, gt_mask
     """
     n = len(gt_masks)
     if not (len(embeddings) == len(points) == n):
-        raise ValueError(f"embeddings, gt_masks and points must have the same length, got "
-                         f"{len(embeddings)}, {n} and {len(points)}")
+        raise ValueError(
+            f"embeddings, gt_masks and points must have the same length, got {len(embeddings)}, {n} and {len(points)}"
+        )
     ious, preds = [], []
     for i in range(0, n, batch_size):
         sl = slice(i, i + batch_size)

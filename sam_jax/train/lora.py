@@ -43,15 +43,22 @@ def lora_model(model: Sam, rank: int, alpha: float, targets: str = DEFAULT_TARGE
     return qwix.apply_lora_to_model(model, qwix.LoraProvider([rule]), methods=("encode_image",))
 
 
-def add_lora(model: Sam, params: Params, key: jax.Array, rank: int = 4, alpha: float | None = None,
-             targets: str = DEFAULT_TARGETS) -> Tuple[Sam, Params]:
+def add_lora(
+    model: Sam,
+    params: Params,
+    key: jax.Array,
+    rank: int = 4,
+    alpha: float | None = None,
+    targets: str = DEFAULT_TARGETS,
+) -> Tuple[Sam, Params]:
     """Returns (LoRA model, params with adapters added). A starts He-uniform, B at zero, so the
     model's outputs are unchanged until training moves B. `alpha` defaults to `rank` (scale 1)."""
     alpha = float(rank if alpha is None else alpha)
     lm = lora_model(model, rank, alpha, targets)
     s = model.config.image_size
-    shapes = jax.eval_shape(lambda k: lm.init(k, jnp.zeros((1, s, s, 3)), method="encode_image"),
-                            jax.random.PRNGKey(0))["params"]
+    shapes = jax.eval_shape(
+        lambda k: lm.init(k, jnp.zeros((1, s, s, 3)), method="encode_image"), jax.random.PRNGKey(0)
+    )["params"]
     flat = traverse_util.flatten_dict(shapes)
     adapters = sorted(k for k in flat if k[-1] in (LORA_A, LORA_B))
     if not adapters:

@@ -45,8 +45,7 @@ def upsample_logits(low_res: jax.Array, size: int) -> jax.Array:
     return jax.image.resize(low_res, (*lead, size, size), method="linear", antialias=False)
 
 
-def sigmoid_focal_loss(logits: jax.Array, targets: jax.Array, alpha: float = 0.25,
-                       gamma: float = 2.0) -> jax.Array:
+def sigmoid_focal_loss(logits: jax.Array, targets: jax.Array, alpha: float = 0.25, gamma: float = 2.0) -> jax.Array:
     """Focal loss (Lin et al. 2017) on logits (..., H, W) vs {0, 1} targets, mean over pixels -> (...).
 
     loss = alpha_t * (1 - p_t)^gamma * BCE(logits, targets), p = sigmoid(logits).
@@ -80,8 +79,9 @@ def mask_iou(pred: jax.Array, target: jax.Array) -> jax.Array:
     return jnp.where(union > 0, inter / jnp.maximum(union, 1.0), 1.0)
 
 
-def sam_loss(low_res_logits: jax.Array, iou_pred: jax.Array, gt_masks: jax.Array,
-             config: LossConfig = LossConfig()) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+def sam_loss(
+    low_res_logits: jax.Array, iou_pred: jax.Array, gt_masks: jax.Array, config: LossConfig = LossConfig()
+) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """The SAM objective for one decoder call.
 
     Args:
@@ -97,8 +97,10 @@ def sam_loss(low_res_logits: jax.Array, iou_pred: jax.Array, gt_masks: jax.Array
       "iou_of_predicted_best" (true IoU of the mask with the highest predicted IoU).
     """
     if low_res_logits.ndim != 4 or gt_masks.ndim != 3:
-        raise ValueError(f"low_res_logits must be (P, M, L, L) and gt_masks (P, S, S); got "
-                         f"{low_res_logits.shape} and {gt_masks.shape}")
+        raise ValueError(
+            f"low_res_logits must be (P, M, L, L) and gt_masks (P, S, S); got "
+            f"{low_res_logits.shape} and {gt_masks.shape}"
+        )
     if gt_masks.shape[-1] != gt_masks.shape[-2] or gt_masks.shape[0] != low_res_logits.shape[0]:
         raise ValueError(f"gt_masks {gt_masks.shape} does not fit low_res_logits {low_res_logits.shape}")
     # At least float32 (bf16 compute is upcast); float64 stays float64 (exact-gradient references).
@@ -115,7 +117,12 @@ def sam_loss(low_res_logits: jax.Array, iou_pred: jax.Array, gt_masks: jax.Array
     iou_mse = jnp.mean((iou_pred.astype(dtype) - true_iou) ** 2, axis=1)  # every mask
     loss = jnp.mean(pick(per_mask) + config.iou_weight * iou_mse)
     chosen = jnp.argmax(iou_pred, axis=1)
-    aux = {"focal": pick(focal), "dice": pick(dice), "iou_mse": iou_mse, "iou": pick(true_iou),
-           "best": best,
-           "iou_of_predicted_best": jnp.take_along_axis(true_iou, chosen[:, None], axis=1)[:, 0]}
+    aux = {
+        "focal": pick(focal),
+        "dice": pick(dice),
+        "iou_mse": iou_mse,
+        "iou": pick(true_iou),
+        "best": best,
+        "iou_of_predicted_best": jnp.take_along_axis(true_iou, chosen[:, None], axis=1)[:, 0],
+    }
     return loss, aux

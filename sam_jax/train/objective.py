@@ -14,8 +14,14 @@ import jax.numpy as jnp
 
 from ..modeling import PAD_LABEL, Sam
 from .losses import LossConfig, sam_loss, upsample_logits
-from .prompts import (PromptConfig, mask_boxes, noisy_boxes, point_schedule,
-                      sample_corrective_points, sample_foreground_points)
+from .prompts import (
+    PromptConfig,
+    mask_boxes,
+    noisy_boxes,
+    point_schedule,
+    sample_corrective_points,
+    sample_foreground_points,
+)
 
 Params = Dict[str, Any]
 
@@ -37,15 +43,31 @@ def decode_loss(
     Prompts are as `Sam.decode` takes them (model-input frame). Returns (scalar loss, aux) where
     aux holds `sam_loss`'s per-prompt terms plus "logits" (P, M, S/4, S/4) and "iou_pred" (P, M).
     """
-    logits, iou = model.apply({"params": params}, embeddings, point_coords, point_labels, boxes,
-                              mask_inputs, multimask_output=multimask_output, method="decode")
+    logits, iou = model.apply(
+        {"params": params},
+        embeddings,
+        point_coords,
+        point_labels,
+        boxes,
+        mask_inputs,
+        multimask_output=multimask_output,
+        method="decode",
+    )
     loss, aux = sam_loss(logits, iou, gt_masks, loss_config)
     return loss, {**aux, "logits": logits, "iou_pred": iou}
 
 
-def _episode(model: Sam, params: Params, embeddings: jax.Array, gt: jax.Array, key: jax.Array,
-             pc: PromptConfig, lc: LossConfig, use_box: bool, remat_rounds: bool
-             ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+def _episode(
+    model: Sam,
+    params: Params,
+    embeddings: jax.Array,
+    gt: jax.Array,
+    key: jax.Array,
+    pc: PromptConfig,
+    lc: LossConfig,
+    use_box: bool,
+    remat_rounds: bool,
+) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     p, s = gt.shape[0], gt.shape[-1]
     k_first, k_sched, k_rounds = jax.random.split(key, 3)
     coords = jnp.zeros((p, pc.point_slots, 2), jnp.float32)
@@ -57,13 +79,15 @@ def _episode(model: Sam, params: Params, embeddings: jax.Array, gt: jax.Array, k
         c0, l0 = sample_foreground_points(k_first, gt, pc.point_margin)
         coords, labels = coords.at[:, :1].set(c0), labels.at[:, :1].set(l0)
 
-    loss0, aux0 = decode_loss(model, params, embeddings, gt, coords, labels, boxes, None,
-                              pc.multimask_first, lc)
+    loss0, aux0 = decode_loss(model, params, embeddings, gt, coords, labels, boxes, None, pc.multimask_first, lc)
     # The next round sees the mask a user would: the one with the highest predicted IoU.
     pick = jnp.argmax(aux0["iou_pred"], axis=1)
     prev = jnp.take_along_axis(aux0["logits"], pick[:, None, None, None], axis=1)[:, 0]
-    metrics = {"loss_first": loss0, "iou_first": jnp.mean(aux0["iou_of_predicted_best"]),
-               "iou_mse_first": jnp.mean(aux0["iou_mse"])}
+    metrics = {
+        "loss_first": loss0,
+        "iou_first": jnp.mean(aux0["iou_of_predicted_best"]),
+        "iou_mse_first": jnp.mean(aux0["iou_mse"]),
+    }
     if pc.later_rounds == 0:
         return loss0, {**metrics, "loss": loss0, "iou_last": metrics["iou_first"]}
 
@@ -121,8 +145,12 @@ def interactive_loss(
     if gt_masks.ndim != 3:
         raise ValueError(f"gt_masks must be (P, S, S), got shape {gt_masks.shape}")
     k_kind, k_episode = jax.random.split(key)
-    run = lambda use_box: _episode(model, params, embeddings, gt_masks, k_episode,  # noqa: E731
-                                   prompt_config, loss_config, use_box, remat_rounds)
+
+    def run(use_box):
+        return _episode(
+            model, params, embeddings, gt_masks, k_episode, prompt_config, loss_config, use_box, remat_rounds
+        )
+
     if prompt_config.box_prob in (0.0, 1.0):
         return run(prompt_config.box_prob == 1.0)
     # Points and boxes need different decoder inputs (a box replaces the "not a point" token), so

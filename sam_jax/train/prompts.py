@@ -123,8 +123,7 @@ def interior(masks: jax.Array, margin: int) -> jax.Array:
     return out
 
 
-def sample_foreground_points(key: jax.Array, gt_masks: jax.Array, margin: int = 0
-                             ) -> Tuple[jax.Array, jax.Array]:
+def sample_foreground_points(key: jax.Array, gt_masks: jax.Array, margin: int = 0) -> Tuple[jax.Array, jax.Array]:
     """One uniformly random foreground point per mask: gt (P, S, S) -> coords (P, 1, 2) float32,
     labels (P, 1) int32 (1, or PAD_LABEL for an empty mask). With `margin` > 0 the point is drawn
     from `interior(gt, margin)`."""
@@ -139,19 +138,22 @@ def mask_boxes(gt_masks: jax.Array) -> jax.Array:
     m = gt_masks.astype(bool)
     h, w = m.shape[-2:]
     rows, cols = jnp.any(m, axis=2), jnp.any(m, axis=1)  # (P, H), (P, W)
+
     def first_last(v, n):
         idx = jnp.arange(n)
         lo = jnp.min(jnp.where(v, idx, n - 1), axis=1)
         hi = jnp.max(jnp.where(v, idx, 0), axis=1)
         empty = ~jnp.any(v, axis=1)
         return jnp.where(empty, 0, lo), jnp.where(empty, n - 1, hi)
+
     y0, y1 = first_last(rows, h)
     x0, x1 = first_last(cols, w)
     return jnp.stack([x0, y0, x1, y1], axis=-1).astype(jnp.float32)
 
 
-def noisy_boxes(key: jax.Array, boxes: jax.Array, image_size: int, noise: float = 0.1,
-                max_px: float = 20.0) -> jax.Array:
+def noisy_boxes(
+    key: jax.Array, boxes: jax.Array, image_size: int, noise: float = 0.1, max_px: float = 20.0
+) -> jax.Array:
     """Adds gaussian noise to (P, 4) boxes, std = min(noise x box side, max_px) per coordinate
     (width for x, height for y); the result is clipped to the frame and kept ordered."""
     side = jnp.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], axis=-1)  # (P, 2)
@@ -163,8 +165,7 @@ def noisy_boxes(key: jax.Array, boxes: jax.Array, image_size: int, noise: float 
     return jnp.concatenate([lo, hi], axis=-1)
 
 
-def sample_corrective_points(key: jax.Array, pred_masks: jax.Array, gt_masks: jax.Array
-                             ) -> Tuple[jax.Array, jax.Array]:
+def sample_corrective_points(key: jax.Array, pred_masks: jax.Array, gt_masks: jax.Array) -> Tuple[jax.Array, jax.Array]:
     """One point per prompt, uniform over the error region of (P, S, S) boolean predictions.
 
     Returns coords (P, 2) float32 and labels (P,) int32: 1 where the point is a missed foreground

@@ -90,8 +90,9 @@ def param_labels(params: Params, encoder: str = "frozen") -> Params:
     if encoder == "lora" and not lora_leaves:
         raise ValueError("encoder='lora' but params hold no LoRA adapters: use train.add_lora first")
     if encoder != "lora" and lora_leaves:
-        raise ValueError(f"params hold LoRA adapters but encoder={encoder!r}; use encoder='lora' "
-                         "or merge them with train.merge_lora")
+        raise ValueError(
+            f"params hold LoRA adapters but encoder={encoder!r}; use encoder='lora' or merge them with train.merge_lora"
+        )
 
     def label(k) -> str:
         if k in ALWAYS_FROZEN:
@@ -109,21 +110,21 @@ def make_optimizer(config: TrainConfig, params: Params) -> optax.GradientTransfo
     lr: Any = config.learning_rate
     if config.warmup_steps or config.decay_steps:
         if config.decay_steps:
-            lr = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, config.warmup_steps,
-                                                    max(config.decay_steps, config.warmup_steps + 1))
+            lr = optax.warmup_cosine_decay_schedule(
+                0.0, config.learning_rate, config.warmup_steps, max(config.decay_steps, config.warmup_steps + 1)
+            )
         else:
             lr = optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps)
     decay_mask = lambda p: jax.tree_util.tree_map(lambda x: x.ndim >= 2, p)  # noqa: E731
     train = optax.adamw(lr, b1=0.9, b2=0.999, weight_decay=config.weight_decay, mask=decay_mask)
     if config.grad_clip_norm:
         train = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), train)
-    return optax.multi_transform({"train": train, "frozen": optax.set_to_zero()},
-                                 param_labels(params, config.encoder))
+    return optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, param_labels(params, config.encoder))
 
 
-def make_train_step(model: Sam, tx: optax.GradientTransformation, config: TrainConfig,
-                    donate: bool = False
-                    ) -> Callable[[TrainState, Batch, jax.Array], Tuple[TrainState, Dict[str, jax.Array]]]:
+def make_train_step(
+    model: Sam, tx: optax.GradientTransformation, config: TrainConfig, donate: bool = False
+) -> Callable[[TrainState, Batch, jax.Array], Tuple[TrainState, Dict[str, jax.Array]]]:
     """Returns a jitted `(state, batch, key) -> (state, metrics)`.
 
     `donate=True` lets XLA reuse the input state's buffers for the output (about half the memory
@@ -136,6 +137,7 @@ def make_train_step(model: Sam, tx: optax.GradientTransformation, config: TrainC
     key: PRNG key of this step (prompt simulation); the step is a deterministic function of
       (state, batch, key). metrics: scalars ("loss", "iou_first", "iou_last", "grad_norm", ...).
     """
+
     def step(state: TrainState, batch: Batch, key: jax.Array):
         if "masks" not in batch or ("images" in batch) == ("embeddings" in batch):
             raise ValueError("batch must hold 'masks' and exactly one of 'images' or 'embeddings'")
@@ -151,20 +153,18 @@ def make_train_step(model: Sam, tx: optax.GradientTransformation, config: TrainC
         encode_in_grad = config.encoder != "frozen"
         if "embeddings" in batch:
             if encode_in_grad:
-                raise ValueError(f"cached embeddings cannot train the encoder (encoder={config.encoder!r}); "
-                                 "pass batch['images']")
+                raise ValueError(
+                    f"cached embeddings cannot train the encoder (encoder={config.encoder!r}); pass batch['images']"
+                )
             emb = batch["embeddings"]
         elif not encode_in_grad:  # frozen encoder: forward only, outside the gradient
-            emb = jax.lax.stop_gradient(model.apply({"params": state.params}, batch["images"],
-                                                    method="encode_image"))
+            emb = jax.lax.stop_gradient(model.apply({"params": state.params}, batch["images"], method="encode_image"))
 
         def loss_fn(train_params):
             params = traverse_util.unflatten_dict({**frozen, **train_params})
-            e = model.apply({"params": params}, batch["images"], method="encode_image") \
-                if encode_in_grad else emb
+            e = model.apply({"params": params}, batch["images"], method="encode_image") if encode_in_grad else emb
             e = jnp.repeat(e, k, axis=0)  # one embedding per ground-truth mask
-            return interactive_loss(model, params, e, gt, key, config.prompts, config.loss,
-                                    config.remat_rounds)
+            return interactive_loss(model, params, e, gt, key, config.prompts, config.loss, config.remat_rounds)
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(train)
         # Frozen leaves need a placeholder in the update tree; set_to_zero ignores it and the
@@ -175,8 +175,7 @@ def make_train_step(model: Sam, tx: optax.GradientTransformation, config: TrainC
         new = {n: optax.apply_updates(v, upd[n]) if labels[n] == "train" else v for n, v in flat.items()}
         sq = sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grads))
         metrics = {**metrics, "grad_norm": jnp.sqrt(sq)}
-        new_state = TrainState(step=state.step + 1, params=traverse_util.unflatten_dict(new),
-                               opt_state=opt_state)
+        new_state = TrainState(step=state.step + 1, params=traverse_util.unflatten_dict(new), opt_state=opt_state)
         return new_state, metrics
 
     return jax.jit(step, donate_argnums=(0,) if donate else ())

@@ -24,9 +24,24 @@ from typing import List, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-TRAIN_PHOTOS = ("astronaut", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
-                "camera", "brick", "grass", "cell", "clock", "coins", "moon", "page", "text",
-                "colorwheel", "logo")
+TRAIN_PHOTOS = (
+    "astronaut",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "camera",
+    "brick",
+    "grass",
+    "cell",
+    "clock",
+    "coins",
+    "moon",
+    "page",
+    "text",
+    "colorwheel",
+    "logo",
+)
 HELDOUT_PHOTOS = ("chelsea", "retina", "gravel")
 SPLITS = {"train": TRAIN_PHOTOS, "heldout": HELDOUT_PHOTOS}
 
@@ -45,7 +60,7 @@ def _crop(rng: np.random.Generator, photo: np.ndarray, size: int) -> np.ndarray:
     h, w = photo.shape[:2]
     side = int(rng.uniform(0.35, 1.0) * min(h, w))
     y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
-    crop = Image.fromarray(photo[y:y + side, x:x + side]).resize((size, size), Image.BILINEAR)
+    crop = Image.fromarray(photo[y : y + side, x : x + side]).resize((size, size), Image.BILINEAR)
     out = np.asarray(crop)
     return out[:, ::-1] if rng.random() < 0.5 else out
 
@@ -91,8 +106,14 @@ def _fill(rng: np.random.Generator, size: int, photos: Tuple[str, ...]) -> np.nd
     return np.clip(col + rng.normal(0, rng.uniform(2, 20), (size, size, 3)), 0, 255)
 
 
-def synthetic_sample(index: int, image_size: int = 256, seed: int = 0, split: str = "train",
-                     max_objects: int = 5, min_area: float = 0.004) -> Tuple[np.ndarray, np.ndarray]:
+def synthetic_sample(
+    index: int,
+    image_size: int = 256,
+    seed: int = 0,
+    split: str = "train",
+    max_objects: int = 5,
+    min_area: float = 0.004,
+) -> Tuple[np.ndarray, np.ndarray]:
     """Sample `index`: image uint8 (S, S, 3) RGB and masks bool (K, S, S), K >= 1 visible shapes."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
@@ -120,8 +141,9 @@ def synthetic_sample(index: int, image_size: int = 256, seed: int = 0, split: st
     return image.astype(np.uint8), np.stack(visible[::-1])
 
 
-def synthetic_dataset(n: int, image_size: int = 256, seed: int = 0, split: str = "train"
-                      ) -> Tuple[np.ndarray, List[np.ndarray]]:
+def synthetic_dataset(
+    n: int, image_size: int = 256, seed: int = 0, split: str = "train"
+) -> Tuple[np.ndarray, List[np.ndarray]]:
     """n samples: images uint8 (n, S, S, 3) and a list of n bool mask stacks (K_i, S, S)."""
     samples = [synthetic_sample(i, image_size, seed, split) for i in range(n)]
     return np.stack([s[0] for s in samples]), [s[1] for s in samples]

@@ -67,8 +67,9 @@ def test_model_must_be_sam(tiny):
         SamAutomaticMaskGenerator(tiny.torch_model, tiny.params)
 
 
-@pytest.mark.parametrize("bad", [np.zeros((0, 5, 3), np.uint8), np.zeros((3, 40, 50), np.uint8),
-                                 np.full((20, 20, 3), 2.0)])
+@pytest.mark.parametrize(
+    "bad", [np.zeros((0, 5, 3), np.uint8), np.zeros((3, 40, 50), np.uint8), np.full((20, 20, 3), 2.0)]
+)
 def test_bad_images_raise_value_error(tiny, bad):
     with pytest.raises(ValueError, match="image"):
         SamAutomaticMaskGenerator(tiny.model, tiny.params, points_per_side=2).generate(bad)
@@ -78,8 +79,15 @@ def test_records_schema(binary_records, image):
     assert len(binary_records) >= 3
     h, w = image.shape[:2]
     for r in binary_records:
-        assert set(r) == {"segmentation", "area", "bbox", "predicted_iou", "point_coords", "stability_score",
-                          "crop_box"}
+        assert set(r) == {
+            "segmentation",
+            "area",
+            "bbox",
+            "predicted_iou",
+            "point_coords",
+            "stability_score",
+            "crop_box",
+        }
         seg = r["segmentation"]
         assert seg.dtype == bool and seg.shape == (h, w)
         assert type(r["area"]) is int and r["area"] == int(seg.sum())
@@ -87,7 +95,7 @@ def test_records_schema(binary_records, image):
         ys, xs = np.nonzero(seg)
         assert r["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min(), ys.max() - ys.min()]  # XYWH, inclusive
         assert type(r["predicted_iou"]) is float and type(r["stability_score"]) is float
-        (x, y), = r["point_coords"]
+        ((x, y),) = r["point_coords"]
         assert type(x) is float and 0 <= x <= w and 0 <= y <= h
         assert r["crop_box"] == [0, 0, w, h]
 
@@ -95,7 +103,8 @@ def test_records_schema(binary_records, image):
 # pycocotools' own decode wraps its result in a Cython class whose __array__ predates numpy 2's
 # copy keyword (pycocotools/mask.py:91): its warning, not ours.
 @pytest.mark.filterwarnings(
-    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning:pycocotools")
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning:pycocotools"
+)
 @pytest.mark.full  # ~8 CPU-s: two more generator runs
 def test_output_modes_agree(tiny, image, binary_records):
     pytest.importorskip("pycocotools")

@@ -40,8 +40,9 @@ def _env(n_devices: int) -> dict:
 
 
 def _generate(weights: str, n_devices: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", SCRIPT, weights], env=_env(n_devices), capture_output=True,
-                         text=True, timeout=1200)
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, weights], env=_env(n_devices), capture_output=True, text=True, timeout=1200
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -69,25 +70,67 @@ def test_cli_two_processes_share_the_files(tiny, tmp_path):
     pytest.importorskip("pycocotools")
     src = tmp_path / "in"
     src.mkdir()
-    photos = [skimage.data.coffee()[::4, ::4], skimage.data.astronaut()[::4, ::4], skimage.data.chelsea()[::3, ::3],
-              skimage.data.rocket()[::4, ::4], skimage.data.camera()[::4, ::4]]
+    photos = [
+        skimage.data.coffee()[::4, ::4],
+        skimage.data.astronaut()[::4, ::4],
+        skimage.data.chelsea()[::3, ::3],
+        skimage.data.rocket()[::4, ::4],
+        skimage.data.camera()[::4, ::4],
+    ]
     for i, p in enumerate(photos):
         Image.fromarray(p).save(src / f"{i}.png")
-    flags = ["--weights", tiny.weights, "--points-per-side", "4", "--pred-iou-thresh", "0",
-             "--stability-score-thresh", "0", "--box-nms-thresh", "1", "--no-progress"]
+    flags = [
+        "--weights",
+        tiny.weights,
+        "--points-per-side",
+        "4",
+        "--pred-iou-thresh",
+        "0",
+        "--stability-score-thresh",
+        "0",
+        "--box-nms-thresh",
+        "1",
+        "--no-progress",
+    ]
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "sam_jax.cli", "amg", str(src), "--out", str(tmp_path / "multi"),
-                               *flags, "--distributed", "--coordinator-address", f"localhost:{port}",
-                               "--num-processes", "2", "--process-id", str(i)],
-                              env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sam_jax.cli",
+                "amg",
+                str(src),
+                "--out",
+                str(tmp_path / "multi"),
+                *flags,
+                "--distributed",
+                "--coordinator-address",
+                f"localhost:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            env=_env(2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=1200) for p in procs]
     for p, (stdout, stderr) in zip(procs, outs):
         assert p.returncode == 0, stderr[-3000:]
     assert "3 written" in outs[0][0] and "process 0 of 2" in outs[0][0]  # files 0, 2, 4
     assert "2 written" in outs[1][0] and "process 1 of 2" in outs[1][0]  # files 1, 3
-    single = subprocess.run([sys.executable, "-m", "sam_jax.cli", "amg", str(src), "--out", str(tmp_path / "single"),
-                             *flags], env=_env(1), capture_output=True, text=True, timeout=1200)
+    single = subprocess.run(
+        [sys.executable, "-m", "sam_jax.cli", "amg", str(src), "--out", str(tmp_path / "single"), *flags],
+        env=_env(1),
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     names = sorted(os.listdir(tmp_path / "single"))
     assert names == sorted(os.listdir(tmp_path / "multi")) == [f"{i}.json" for i in range(5)]

@@ -107,8 +107,9 @@ def test_mask_stats_equal_official_with_padding():
         np.testing.assert_array_equal(np.isnan(stab), np.isnan(want))
         np.testing.assert_array_equal(stab[1:], want[1:])  # same integer counts, same float32 division
         np.testing.assert_array_equal(np.asarray(area), (logits > 0).sum((1, 2)))
-        np.testing.assert_array_equal(np.asarray(box),
-                                      official.batched_mask_to_box(torch.from_numpy(logits > 0)).numpy())
+        np.testing.assert_array_equal(
+            np.asarray(box), official.batched_mask_to_box(torch.from_numpy(logits > 0)).numpy()
+        )
 
 
 def test_near_crop_edge_equals_official():
@@ -120,8 +121,11 @@ def test_near_crop_edge_equals_official():
         y = np.sort(rng.integers(0, ch, (200, 2)), axis=1)
         boxes = np.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], axis=1)
         boxes[:10] = [0, 0, cw - 1, ch - 1]
-        got = np.asarray(ops.near_crop_edge(jnp.asarray(boxes, jnp.int32), jnp.asarray(crop, jnp.int32),
-                                            jnp.array([orig_h, orig_w], jnp.int32)))
+        got = np.asarray(
+            ops.near_crop_edge(
+                jnp.asarray(boxes, jnp.int32), jnp.asarray(crop, jnp.int32), jnp.array([orig_h, orig_w], jnp.int32)
+            )
+        )
         want = official.is_box_near_crop_edge(torch.from_numpy(boxes), crop, [0, 0, orig_w, orig_h]).numpy()
         np.testing.assert_array_equal(got, want)
 
@@ -164,9 +168,11 @@ def test_amg_decoder_equals_sam_decode(tiny, tiny_embedding):
     rng = np.random.default_rng(8)
     coords = jnp.asarray(rng.uniform(0, model.config.image_size, (9, 2)), jnp.float32)
     low, iou = jax.jit(lambda p, e, c: _decode_points(model, p, e, c))(params, tiny_embedding, coords)
-    ref_low, ref_iou = jax.jit(lambda p, e, c: model.apply(
-        {"params": p}, e, c[:, None], jnp.ones((c.shape[0], 1), jnp.int32), method=Sam.decode))(
-            params, tiny_embedding, coords)
+    ref_low, ref_iou = jax.jit(
+        lambda p, e, c: model.apply(
+            {"params": p}, e, c[:, None], jnp.ones((c.shape[0], 1), jnp.int32), method=Sam.decode
+        )
+    )(params, tiny_embedding, coords)
     # Summation order differs (layer 0's image side projected once by image_context, where
     # Sam.decode folds the projections into the tokens): a few float32 ulps through two attention
     # layers, i.e. ~1e-5 of the logits' spread.
@@ -183,7 +189,8 @@ def test_decode_job_upscales_only_points_passing_the_iou_filter(tiny, tiny_embed
     thresh = float(np.median(np.asarray(full_iou).max(axis=1)))  # about half the points pass
     valid = jnp.arange(12) < 11  # the last point is padding
     low, iou = jax.jit(lambda t, p, e, c, v: pipeline.decode_job(model, t, p, e, c, v, chunk=4))(
-        jnp.array([thresh, 0.0, 1.0], jnp.float32), params, tiny_embedding, coords, valid)
+        jnp.array([thresh, 0.0, 1.0], jnp.float32), params, tiny_embedding, coords, valid
+    )
     low = np.asarray(low).reshape(12, 3, *low.shape[1:])
     passing = np.asarray(valid) & (np.asarray(full_iou) > thresh).any(axis=1)
     assert 0 < passing.sum() < 11

@@ -51,11 +51,15 @@ FIGURES: Dict[str, Dict[str, float]] = {}
 @pytest.fixture(scope="module", autouse=True)
 def _print_figures():
     yield
-    print(f"\n{'case':<44} {'official':>8} {'ours':>5} {'min IoU':>8} {'iou rel':>8} {'stab rel':>8} "
-          f"{'area rel':>8} {'bbox rel':>8}")
+    print(
+        f"\n{'case':<44} {'official':>8} {'ours':>5} {'min IoU':>8} {'iou rel':>8} {'stab rel':>8} "
+        f"{'area rel':>8} {'bbox rel':>8}"
+    )
     for k, f in FIGURES.items():
-        print(f"{k:<44} {f['n_official']:>8d} {f['n_ours']:>5d} {f['min_iou']:>8.5f} {f['iou']:>8.1e} "
-              f"{f['stab']:>8.1e} {f['area']:>8.1e} {f['bbox']:>8.1e}")
+        print(
+            f"{k:<44} {f['n_official']:>8d} {f['n_ours']:>5d} {f['min_iou']:>8.5f} {f['iou']:>8.1e} "
+            f"{f['stab']:>8.1e} {f['area']:>8.1e} {f['bbox']:>8.1e}"
+        )
 
 
 def _rgb(image: np.ndarray) -> np.ndarray:
@@ -80,8 +84,15 @@ def compare(name: str, official: List[dict], ours: List[dict]) -> Dict[str, floa
     by_key: Dict[Tuple, List[int]] = {}
     for j, r in enumerate(ours):
         by_key.setdefault((tuple(r["point_coords"][0]), tuple(r["crop_box"])), []).append(j)
-    figs = {"n_official": len(official), "n_ours": len(ours), "min_iou": 1.0, "iou": 0.0, "stab": 0.0,
-            "area": 0.0, "bbox": 0.0}
+    figs = {
+        "n_official": len(official),
+        "n_ours": len(ours),
+        "min_iou": 1.0,
+        "iou": 0.0,
+        "stab": 0.0,
+        "area": 0.0,
+        "bbox": 0.0,
+    }
     for i, r in enumerate(official):
         cands = by_key.get((tuple(r["point_coords"][0]), tuple(r["crop_box"])), [])
         assert cands, f"{name}: official mask {i} (point {r['point_coords']}) has no counterpart"
@@ -116,8 +127,7 @@ VIT_B_LOOSE = dict(pred_iou_thresh=0.05, stability_score_thresh=0.3, box_nms_thr
 # compared too). Each case costs 1 + 4 * layers vit_b encodings per side: the suite's budget.
 VIT_B_CASES = {
     "coffee/crop0": ("coffee", dict(points_per_side=16, **VIT_B_LOOSE)),
-    "astronaut/crop1": ("astronaut", dict(points_per_side=8, crop_n_layers=1, crop_overlap_ratio=0.99,
-                                          **VIT_B_LOOSE)),
+    "astronaut/crop1": ("astronaut", dict(points_per_side=8, crop_n_layers=1, crop_overlap_ratio=0.99, **VIT_B_LOOSE)),
 }
 
 
@@ -138,13 +148,34 @@ def test_vit_b_parity(vit_b, case):
 
 # The tiny model's logits are small: its stability scores at offset 1 are ~0, hence offset 0.05.
 TINY_CASES = {
-    "coffee/all": ("coffee", dict(points_per_side=12, pred_iou_thresh=0.0, stability_score_thresh=0.0,
-                                  box_nms_thresh=1.0, crop_nms_thresh=1.0)),
-    "chelsea/crop1": ("chelsea", dict(points_per_side=8, crop_n_layers=1, pred_iou_thresh=0.0,
-                                      stability_score_thresh=0.0, box_nms_thresh=1.0, crop_nms_thresh=1.0)),
-    "rocket_gray/filters": ("rocket_gray", dict(points_per_side=10, pred_iou_thresh=0.3,
-                                                stability_score_thresh=0.3, stability_score_offset=0.05,
-                                                box_nms_thresh=1.0, points_per_batch=7)),
+    "coffee/all": (
+        "coffee",
+        dict(
+            points_per_side=12, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0, crop_nms_thresh=1.0
+        ),
+    ),
+    "chelsea/crop1": (
+        "chelsea",
+        dict(
+            points_per_side=8,
+            crop_n_layers=1,
+            pred_iou_thresh=0.0,
+            stability_score_thresh=0.0,
+            box_nms_thresh=1.0,
+            crop_nms_thresh=1.0,
+        ),
+    ),
+    "rocket_gray/filters": (
+        "rocket_gray",
+        dict(
+            points_per_side=10,
+            pred_iou_thresh=0.3,
+            stability_score_thresh=0.3,
+            stability_score_offset=0.05,
+            box_nms_thresh=1.0,
+            points_per_batch=7,
+        ),
+    ),
 }
 
 
@@ -182,8 +213,11 @@ def _synthetic_low(px, py, k, side: int, image_size: int, xp):
     radius = xp.asarray(np.asarray(RADII, np.float32) * image_size)[k]
     d = xp.sqrt((xc - px[..., None, None]) ** 2 + (yc - py[..., None, None]) ** 2)
     ii = xp.arange(side)
-    checker = ((ii[:, None] // 3 + ii[None, :] // 3) % 2).astype(xp.float32) if xp is jnp else \
-        ((ii[:, None] // 3 + ii[None, :] // 3) % 2).to(torch.float32)
+    checker = (
+        ((ii[:, None] // 3 + ii[None, :] // 3) % 2).astype(xp.float32)
+        if xp is jnp
+        else ((ii[:, None] // 3 + ii[None, :] // 3) % 2).to(torch.float32)
+    )
     return (radius[..., None, None] - d) / cell + 1.2 * (checker - 0.5)
 
 
@@ -199,8 +233,9 @@ def synthetic_decoders(official_generator, monkeypatch, image_size: int, side: i
     official points go through the same f32(c + 0.5) - 0.5 as ours, see runner.model_frame_coords)."""
     pred = official_generator.predictor
 
-    def predict_torch(point_coords, point_labels, boxes=None, mask_input=None, multimask_output=True,
-                      return_logits=False):
+    def predict_torch(
+        point_coords, point_labels, boxes=None, mask_input=None, multimask_output=True, return_logits=False
+    ):
         c = (point_coords[:, 0] + 0.5).float() - 0.5
         px, py = c[:, 0], c[:, 1]
         k = torch.arange(3)
@@ -228,25 +263,55 @@ def synthetic_decoders(official_generator, monkeypatch, image_size: int, side: i
 
 
 SYNTH_CASES = {
-    "coffee/defaults-thresholds": ("coffee", dict(points_per_side=16, pred_iou_thresh=0.5,
-                                                  stability_score_thresh=0.6)),
-    "astronaut/crop1": ("astronaut", dict(points_per_side=12, crop_n_layers=1, pred_iou_thresh=0.3,
-                                          stability_score_thresh=0.5)),
-    "chelsea/crop2-downscale": ("chelsea", dict(points_per_side=12, crop_n_layers=2, crop_n_points_downscale_factor=2,
-                                                pred_iou_thresh=0.2, stability_score_thresh=0.4,
-                                                crop_overlap_ratio=0.2)),
-    "coffee/cleanup": ("coffee", dict(points_per_side=10, pred_iou_thresh=0.0, stability_score_thresh=0.0,
-                                      min_mask_region_area=300, crop_n_layers=1)),
-    "rocket_gray/grids": ("rocket_gray", dict(points_per_side=None, point_grids=[
-        np.random.default_rng(0).uniform(0, 1, (50, 2)), np.random.default_rng(1).uniform(0, 1, (20, 2))],
-        crop_n_layers=1, pred_iou_thresh=0.4, stability_score_thresh=0.3, box_nms_thresh=0.5,
-        crop_nms_thresh=0.5, points_per_batch=16)),
+    "coffee/defaults-thresholds": ("coffee", dict(points_per_side=16, pred_iou_thresh=0.5, stability_score_thresh=0.6)),
+    "astronaut/crop1": (
+        "astronaut",
+        dict(points_per_side=12, crop_n_layers=1, pred_iou_thresh=0.3, stability_score_thresh=0.5),
+    ),
+    "chelsea/crop2-downscale": (
+        "chelsea",
+        dict(
+            points_per_side=12,
+            crop_n_layers=2,
+            crop_n_points_downscale_factor=2,
+            pred_iou_thresh=0.2,
+            stability_score_thresh=0.4,
+            crop_overlap_ratio=0.2,
+        ),
+    ),
+    "coffee/cleanup": (
+        "coffee",
+        dict(
+            points_per_side=10,
+            pred_iou_thresh=0.0,
+            stability_score_thresh=0.0,
+            min_mask_region_area=300,
+            crop_n_layers=1,
+        ),
+    ),
+    "rocket_gray/grids": (
+        "rocket_gray",
+        dict(
+            points_per_side=None,
+            point_grids=[
+                np.random.default_rng(0).uniform(0, 1, (50, 2)),
+                np.random.default_rng(1).uniform(0, 1, (20, 2)),
+            ],
+            crop_n_layers=1,
+            pred_iou_thresh=0.4,
+            stability_score_thresh=0.3,
+            box_nms_thresh=0.5,
+            crop_nms_thresh=0.5,
+            points_per_batch=16,
+        ),
+    ),
 }
 
 
 # The daily tier keeps one case; each other one costs ~10-35 CPU-s.
-@pytest.mark.parametrize("case", [c if c == "rocket_gray/grids" else pytest.param(c, marks=pytest.mark.full)
-                                  for c in SYNTH_CASES])
+@pytest.mark.parametrize(
+    "case", [c if c == "rocket_gray/grids" else pytest.param(c, marks=pytest.mark.full) for c in SYNTH_CASES]
+)
 def test_synthetic_decoder_parity(tiny, monkeypatch, case):
     photo, kw = SYNTH_CASES[case]
     if kw.get("min_mask_region_area"):

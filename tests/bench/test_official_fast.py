@@ -37,8 +37,9 @@ def test_sdpa_forward_matches_official(tiny_official):
 
 def test_bf16_encoder_returns_fp32_features(tiny_official):
     x = _input(tiny_official)
-    fast = configure_official(copy.deepcopy(tiny_official),
-                              OfficialConfig(device="cpu", sdpa=True, bf16=True, compile=False))
+    fast = configure_official(
+        copy.deepcopy(tiny_official), OfficialConfig(device="cpu", sdpa=True, bf16=True, compile=False)
+    )
     with torch.no_grad():
         want, got = tiny_official.image_encoder(x), fast.image_encoder(x)
     assert got.dtype == torch.float32 and got.shape == want.shape

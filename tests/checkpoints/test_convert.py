@@ -19,8 +19,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def run_cli(*args, module="convert"):
-    r = subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
-                       cwd=ROOT, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
     return r.returncode, r.stdout, r.stderr
 
 
@@ -102,6 +103,7 @@ def test_structure_of_every_size(name):
 
 
 # --- errors -------------------------------------------------------------------------------------
+
 
 def test_truncated_file(tiny, tmp_path):
     src = tmp_path / "trunc.pth"
@@ -205,11 +207,14 @@ def test_not_a_state_dict():
         convert_state_dict({"image_encoder.pos_embed": "hello"})
 
 
-@pytest.mark.parametrize("args,needle", [
-    ((), "the following arguments are required"),
-    (("a.pth", "b.safetensors", "--model-type", "vit_x"), "invalid choice"),
-    (("a.pth", "b.npz"), "must end in .safetensors"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        ((), "the following arguments are required"),
+        (("a.pth", "b.safetensors", "--model-type", "vit_x"), "invalid choice"),
+        (("a.pth", "b.npz"), "must end in .safetensors"),
+    ],
+)
 def test_usage_errors_exit_2_with_one_line(args, needle):
     code, _, err = run_cli(*args)
     assert_short_error(code, err, needle, exit_code=2)

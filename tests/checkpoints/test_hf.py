@@ -16,8 +16,16 @@ from safetensors.numpy import load_file, save_file
 import sam_jax
 from convert.__main__ import main as convert_main
 from sam_jax.checkpoints import ConversionError, convert_state_dict, flatten_params
-from sam_jax.checkpoints.hf import (PE_HF, PE_HF_TIED, config_from_hf, convert_hf_state_dict, hf_config,
-                                    is_hf_layout, load_hf, official_to_hf)
+from sam_jax.checkpoints.hf import (
+    PE_HF,
+    PE_HF_TIED,
+    config_from_hf,
+    convert_hf_state_dict,
+    hf_config,
+    is_hf_layout,
+    load_hf,
+    official_to_hf,
+)
 from tests import reference
 
 
@@ -73,6 +81,7 @@ def tiny_hf(tiny, tmp_path_factory) -> str:
 # ---------------------------------------------------------------------------------------------
 # Names and config.json against the installed transformers
 
+
 def test_transformers_version():
     assert transformers.__version__ == TRANSFORMERS_VERSION
 
@@ -100,10 +109,23 @@ def test_config_json_round_trip(name):
     cfg = sam_jax.get_config(name)
     hc = HFSamConfig.from_dict(hf_config(cfg))
     v = hc.vision_config
-    assert (v.hidden_size, v.num_hidden_layers, v.num_attention_heads, tuple(v.global_attn_indexes),
-            v.image_size, v.patch_size, v.window_size) == (
-        cfg.encoder_embed_dim, cfg.encoder_depth, cfg.encoder_num_heads, cfg.encoder_global_attn_indexes,
-        cfg.image_size, cfg.patch_size, cfg.window_size)
+    assert (
+        v.hidden_size,
+        v.num_hidden_layers,
+        v.num_attention_heads,
+        tuple(v.global_attn_indexes),
+        v.image_size,
+        v.patch_size,
+        v.window_size,
+    ) == (
+        cfg.encoder_embed_dim,
+        cfg.encoder_depth,
+        cfg.encoder_num_heads,
+        cfg.encoder_global_attn_indexes,
+        cfg.image_size,
+        cfg.patch_size,
+        cfg.window_size,
+    )
     assert hc.prompt_encoder_config.image_size == cfg.image_size
     assert hc.mask_decoder_config.layer_norm_eps == 1e-5  # the official two-way transformer norms
     assert config_from_hf(hc.to_dict()) == cfg
@@ -125,6 +147,7 @@ def test_config_from_hf_defaults_and_refusals():
 
 # ---------------------------------------------------------------------------------------------
 # Conversion: official -> sam_jax and official -> HF -> sam_jax give the same params
+
 
 def _hf_from_official(torch_model, cfg) -> torch.nn.Module:
     """A transformers SamModel holding the official weights, loaded strictly by name."""
@@ -184,12 +207,13 @@ def test_positional_matrix_under_either_name(tiny, tiny_hf):
 def test_bfloat16_file(tiny, tiny_hf, tmp_path):
     from safetensors.torch import save_file as save_torch
 
-    state = {k: torch.from_numpy(v).to(torch.bfloat16)
-             for k, v in load_file(os.path.join(tiny_hf, "model.safetensors")).items()}
+    state = {
+        k: torch.from_numpy(v).to(torch.bfloat16)
+        for k, v in load_file(os.path.join(tiny_hf, "model.safetensors")).items()
+    }
     save_torch(state, str(tmp_path / "model.safetensors"))
     _, params = load_hf(tmp_path / "model.safetensors")
-    want = {k: np.asarray(jnp.asarray(v, jnp.bfloat16), np.float32)
-            for k, v in flatten_params(tiny.params).items()}
+    want = {k: np.asarray(jnp.asarray(v, jnp.bfloat16), np.float32) for k, v in flatten_params(tiny.params).items()}
     got = flatten_params(params)
     assert all(got[k].dtype == np.float32 and np.array_equal(got[k], want[k]) for k in want)
 
@@ -223,14 +247,17 @@ def _compare(ref, hf_model, emb, kind, hf_inputs, seed):
     jx, hf = _prompts(kind, ref.model.config.image_size, np.random.default_rng(seed))
     errs = {}
     for multimask in (True, False):
-        logits, iou = ref.model.apply({"params": ref.params}, emb, multimask_output=multimask,
-                                      method=sam_jax.Sam.decode, **jx)
+        logits, iou = ref.model.apply(
+            {"params": ref.params}, emb, multimask_output=multimask, method=sam_jax.Sam.decode, **jx
+        )
         with torch.no_grad():
             out = hf_model(**hf_inputs, **hf, multimask_output=multimask)
         want_logits, want_iou = out.pred_masks[0].numpy(), out.iou_scores[0].numpy()
         assert want_logits.shape == logits.shape and want_iou.shape == iou.shape
-        errs[multimask] = (float(np.max(np.abs(np.asarray(logits) - want_logits)) / np.std(want_logits)),
-                           float(np.max(np.abs(np.asarray(iou) - want_iou))))
+        errs[multimask] = (
+            float(np.max(np.abs(np.asarray(logits) - want_logits)) / np.std(want_logits)),
+            float(np.max(np.abs(np.asarray(iou) - want_iou))),
+        )
     print(f"{ref.name} {kind}: (logits err/std, IoU abs err) multimask {errs[True]}, single {errs[False]}")
     for logit_err, iou_err in errs.values():
         assert logit_err <= LOGITS_TOL and iou_err <= IOU_TOL, errs
@@ -281,6 +308,7 @@ def test_vit_b_decoder_matches_transformers(vit_b, vit_b_hf, kind):
 
 # ---------------------------------------------------------------------------------------------
 # Strictness: short errors that name HF keys, and the CLI's exit codes
+
 
 @pytest.fixture
 def tiny_state(tiny_hf):
@@ -360,10 +388,12 @@ def test_cli_errors_and_exit_codes(tiny, tiny_hf, tmp_path, capsys):
     assert "vision_encoder.pos_embed" in err
     assert not os.path.exists(tmp_path / "out.safetensors")
     # Usage errors: one line, exit 2.
-    for argv in (["--to", "onnx", tiny.weights, str(tmp_path / "o")],
-                 ["--to", "hf", tiny.weights, str(tmp_path / "o.safetensors")],
-                 [tiny_hf, str(tmp_path / "o.bin")],
-                 [tiny.weights]):
+    for argv in (
+        ["--to", "onnx", tiny.weights, str(tmp_path / "o")],
+        ["--to", "hf", tiny.weights, str(tmp_path / "o.safetensors")],
+        [tiny_hf, str(tmp_path / "o.bin")],
+        [tiny.weights],
+    ):
         assert convert_main(argv) == 2, argv
         assert len(capsys.readouterr().err.strip().splitlines()) == 1, argv
     # The official path is unchanged: .pth in, one line out.

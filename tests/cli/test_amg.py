@@ -16,8 +16,7 @@ from sam_jax.amg import SamAutomaticMaskGenerator
 pytest.importorskip("pycocotools")  # the default output mode
 
 # Loose thresholds so the tiny model leaves masks (see test_amg_api).
-FLAGS = ["--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-score-thresh", "0",
-         "--box-nms-thresh", "1.0"]
+FLAGS = ["--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-score-thresh", "0", "--box-nms-thresh", "1.0"]
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +48,15 @@ def test_folder_with_corrupt_files_then_rerun(tiny, folder, tmp_path, capsys):
     # The JSON is the generator's COCO records for that image.
     records = json.loads((out / "astronaut.json").read_text())
     image = np.asarray(Image.open(folder / "astronaut.png").convert("RGB"))
-    want = SamAutomaticMaskGenerator(tiny.model, tiny.params, points_per_side=4, pred_iou_thresh=0.0,
-                                     stability_score_thresh=0.0, box_nms_thresh=1.0,
-                                     output_mode="coco_rle").generate(image)
+    want = SamAutomaticMaskGenerator(
+        tiny.model,
+        tiny.params,
+        points_per_side=4,
+        pred_iou_thresh=0.0,
+        stability_score_thresh=0.0,
+        box_nms_thresh=1.0,
+        output_mode="coco_rle",
+    ).generate(image)
     assert len(records) == len(want) > 0
     for a, b in zip(records, want):
         assert a["segmentation"] == b["segmentation"] and a["bbox"] == b["bbox"] and a["area"] == b["area"]
@@ -62,8 +67,9 @@ def test_folder_with_corrupt_files_then_rerun(tiny, folder, tmp_path, capsys):
     rc, stdout, _ = _run(capsys, folder, "--weights", tiny.weights, "--out", out, "--no-progress", *FLAGS)
     assert rc == 1 and "0 written" in stdout and "4 already done" in stdout
     assert before == {f: os.stat(out / f).st_mtime_ns for f in os.listdir(out)}
-    rc, stdout, _ = _run(capsys, folder / "coffee.jpg", "--weights", tiny.weights, "--out", out, "--overwrite",
-                         "--no-progress", *FLAGS)
+    rc, stdout, _ = _run(
+        capsys, folder / "coffee.jpg", "--weights", tiny.weights, "--out", out, "--overwrite", "--no-progress", *FLAGS
+    )
     assert rc == 0 and "1 written" in stdout
     assert os.stat(out / "coffee.json").st_mtime_ns != before["coffee.json"]
 
@@ -76,17 +82,30 @@ def _umask() -> int:
 
 def test_binary_mask_folder_matches_official_layout(tiny, folder, tmp_path, capsys):
     out = tmp_path / "out"
-    rc, _, _ = _run(capsys, folder / "astronaut.png", "--weights", tiny.weights, "--out", out,
-                    "--output-mode", "binary_mask", "--no-progress", *FLAGS)
+    rc, _, _ = _run(
+        capsys,
+        folder / "astronaut.png",
+        "--weights",
+        tiny.weights,
+        "--out",
+        out,
+        "--output-mode",
+        "binary_mask",
+        "--no-progress",
+        *FLAGS,
+    )
     assert rc == 0
     image = np.asarray(Image.open(folder / "astronaut.png").convert("RGB"))
-    want = SamAutomaticMaskGenerator(tiny.model, tiny.params, points_per_side=4, pred_iou_thresh=0.0,
-                                     stability_score_thresh=0.0, box_nms_thresh=1.0).generate(image)
+    want = SamAutomaticMaskGenerator(
+        tiny.model, tiny.params, points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0
+    ).generate(image)
     files = sorted(os.listdir(out / "astronaut"))
     assert files == sorted([f"{i}.png" for i in range(len(want))] + ["metadata.csv"])
     lines = (out / "astronaut" / "metadata.csv").read_text().split("\n")
-    assert lines[0] == ("id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,predicted_iou,"
-                        "stability_score,crop_box_x0,crop_box_y0,crop_box_w,crop_box_h")
+    assert lines[0] == (
+        "id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,predicted_iou,"
+        "stability_score,crop_box_x0,crop_box_y0,crop_box_w,crop_box_h"
+    )
     for i, (line, r) in enumerate(zip(lines[1:], want)):
         png = np.asarray(Image.open(out / "astronaut" / f"{i}.png"))
         np.testing.assert_array_equal(png, r["segmentation"].astype(np.uint8) * 255)
@@ -106,8 +125,9 @@ def test_interrupted_write_leaves_nothing(tiny, folder, tmp_path, capsys, monkey
 
     monkeypatch.setattr(json, "dump", broken_dump)
     with pytest.raises(KeyboardInterrupt):
-        cli.main(["amg", str(folder / "coffee.jpg"), "--weights", tiny.weights, "--out", str(out), "--no-progress",
-                  *FLAGS])
+        cli.main(
+            ["amg", str(folder / "coffee.jpg"), "--weights", tiny.weights, "--out", str(out), "--no-progress", *FLAGS]
+        )
     assert os.listdir(out) == []
 
 
@@ -116,24 +136,34 @@ def test_an_image_the_model_cannot_take_fails_alone(tiny, tmp_path, capsys):
     d.mkdir()
     Image.fromarray(skimage.data.coffee()[::4, ::4]).save(d / "ok.png")
     Image.fromarray(np.zeros((1, 900, 3), np.uint8)).save(d / "sliver.png")  # resizes to 0 rows
-    rc, stdout, stderr = _run(capsys, d, "--weights", tiny.weights, "--out", tmp_path / "out", "--no-progress",
-                              *FLAGS)
+    rc, stdout, stderr = _run(capsys, d, "--weights", tiny.weights, "--out", tmp_path / "out", "--no-progress", *FLAGS)
     assert rc == 1 and "sliver.png" in stderr and "1 written" in stdout
     assert os.listdir(tmp_path / "out") == ["ok.json"]
 
 
-@pytest.mark.parametrize("argv,needle", [
-    ([], "required"),
-    (["IN", "--out", "O"], "--weights"),
-    (["IN", "--weights", "W", "--out", "O", "--points-per-side", "0"], "points_per_side"),
-    (["IN", "--weights", "W", "--out", "O", "--box-nms-thresh", "x"], "box-nms-thresh"),
-    (["IN", "--weights", "W", "--out", "O", "--output-mode", "rle"], "output-mode"),
-    (["/no/such/dir", "--weights", "W", "--out", "O"], "no such image or folder"),
-    (["IMG", "--weights", "/no/such.safetensors", "--out", "O"], "no such weights file"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        ([], "required"),
+        (["IN", "--out", "O"], "--weights"),
+        (["IN", "--weights", "W", "--out", "O", "--points-per-side", "0"], "points_per_side"),
+        (["IN", "--weights", "W", "--out", "O", "--box-nms-thresh", "x"], "box-nms-thresh"),
+        (["IN", "--weights", "W", "--out", "O", "--output-mode", "rle"], "output-mode"),
+        (["/no/such/dir", "--weights", "W", "--out", "O"], "no such image or folder"),
+        (["IMG", "--weights", "/no/such.safetensors", "--out", "O"], "no such weights file"),
+    ],
+)
 def test_usage_errors_one_line_exit_2(folder, tmp_path, capsys, argv, needle):
-    argv = [str(folder / "coffee.jpg") if a == "IMG" else str(folder) if a == "IN" else
-            str(tmp_path / "o") if a == "O" else a for a in argv]
+    argv = [
+        str(folder / "coffee.jpg")
+        if a == "IMG"
+        else str(folder)
+        if a == "IN"
+        else str(tmp_path / "o")
+        if a == "O"
+        else a
+        for a in argv
+    ]
     rc, stdout, stderr = _run(capsys, *argv)
     assert rc == 2 and stdout == ""
     assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("sam-jax amg: error:") and needle in stderr

@@ -28,8 +28,7 @@ def sam_jax_cmd():
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([*sam_jax_cmd(), "segment", *args], capture_output=True, text=True, env=env,
-                          timeout=600)
+    return subprocess.run([*sam_jax_cmd(), "segment", *args], capture_output=True, text=True, env=env, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +40,9 @@ def photo_path(tmp_path_factory) -> str:
 
 def test_points_round_trip(tiny, photo_path, tmp_path):
     out = tmp_path / "out"
-    r = run_cli(photo_path, "--weights", tiny.weights, "--point", "100,60", "--point", "20,130:0",
-                "--out", str(out), "--json")
+    r = run_cli(
+        photo_path, "--weights", tiny.weights, "--point", "100,60", "--point", "20,130:0", "--out", str(out), "--json"
+    )
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["size"] == [H, W] and len(report["prompts"]) == 1
@@ -69,8 +69,18 @@ def test_points_round_trip(tiny, photo_path, tmp_path):
 @pytest.mark.full  # ~9 CPU-s: a fresh process; the daily tier runs the CLI once (points)
 def test_boxes_single_text_output(tiny, photo_path, tmp_path):
     out = tmp_path / "out"
-    r = run_cli(photo_path, "--weights", tiny.weights, "--box", "10,10,120,100", "--box", "50,20,220,140",
-                "--single", "--out", str(out))
+    r = run_cli(
+        photo_path,
+        "--weights",
+        tiny.weights,
+        "--box",
+        "10,10,120,100",
+        "--box",
+        "50,20,220,140",
+        "--single",
+        "--out",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert lines[0].startswith("prompt 0 mask 0: score ") and lines[1].startswith("prompt 1 mask 0: score ")
@@ -126,24 +136,37 @@ def test_usage_error(case, tiny, photo_path, tmp_path, capsys):
 
 
 def test_missing_image(tiny, tmp_path, capsys):
-    assert cli_main(["segment", str(tmp_path / "nope.png"), "--weights", tiny.weights, "--point", "1,1",
-                     "--out", str(tmp_path / "o")]) == 2
+    assert (
+        cli_main(
+            [
+                "segment",
+                str(tmp_path / "nope.png"),
+                "--weights",
+                tiny.weights,
+                "--point",
+                "1,1",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "no such image" in capsys.readouterr().err
 
 
 def test_not_an_image(tiny, tmp_path, capsys):
     bad = tmp_path / "bad.png"
     bad.write_text("not a picture")
-    assert cli_main(["segment", str(bad), "--weights", tiny.weights, "--point", "1,1",
-                     "--out", str(tmp_path / "o")]) == 2
+    assert (
+        cli_main(["segment", str(bad), "--weights", tiny.weights, "--point", "1,1", "--out", str(tmp_path / "o")]) == 2
+    )
     assert "cannot read image" in capsys.readouterr().err
 
 
 def test_bad_weights_file(photo_path, tmp_path, capsys):
     bad = tmp_path / "w.safetensors"
     bad.write_bytes(b"\x00" * 64)
-    assert cli_main(["segment", photo_path, "--weights", str(bad), "--point", "1,1",
-                     "--out", str(tmp_path / "o")]) == 2
+    assert cli_main(["segment", photo_path, "--weights", str(bad), "--point", "1,1", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "safetensors" in err
 

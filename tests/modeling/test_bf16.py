@@ -19,10 +19,14 @@ PHOTOS = {"coffee": skimage.data.coffee(), "chelsea": skimage.data.chelsea()}
 
 
 def prompts(h: int, w: int):
-    return [dict(point_coords=np.array([[w * .45, h * .55]]), point_labels=np.array([1])),
-            dict(box=np.array([w * .2, h * .25, w * .7, h * .8])),
-            dict(point_coords=np.array([[w * .3, h * .3], [w * .6, h * .4], [w * .5, h * .7]]),
-                 point_labels=np.array([1, 0, 1]))]
+    return [
+        dict(point_coords=np.array([[w * 0.45, h * 0.55]]), point_labels=np.array([1])),
+        dict(box=np.array([w * 0.2, h * 0.25, w * 0.7, h * 0.8])),
+        dict(
+            point_coords=np.array([[w * 0.3, h * 0.3], [w * 0.6, h * 0.4], [w * 0.5, h * 0.7]]),
+            point_labels=np.array([1, 0, 1]),
+        ),
+    ]
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -54,7 +58,9 @@ def test_bf16_masks_match_fp32(vit_b, fp32_masks, param_dtype):
             masks, scores, low = p.predict(**kw)
             assert masks.dtype == bool and scores.dtype == low.dtype == np.float32  # outputs stay fp32
             ious.extend(iou(masks, ref))
-    print(f"bf16 compute, {param_dtype} params: mean mask IoU vs fp32 {np.mean(ious):.4f}, "
-          f"min {np.min(ious):.4f} over {len(ious)} masks")
+    print(
+        f"bf16 compute, {param_dtype} params: mean mask IoU vs fp32 {np.mean(ious):.4f}, "
+        f"min {np.min(ious):.4f} over {len(ious)} masks"
+    )
     # The acceptance bar: bf16 rounding moves only pixels whose fp32 logit is near 0.
     assert np.mean(ious) >= 0.99

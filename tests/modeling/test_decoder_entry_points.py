@@ -15,8 +15,10 @@ from sam_jax.modeling import Sam, image_context
 
 # tiny (C = 48) upscales channels-first; C = 80 (> modeling.mask_decoder.CHANNELS_FIRST_MAX_DIM)
 # takes the blocked layout the full-size models use.
-CONFIGS = {"tiny": sam_jax.get_config("tiny"),
-           "tiny-blocked": dataclasses.replace(sam_jax.get_config("tiny"), prompt_embed_dim=80)}
+CONFIGS = {
+    "tiny": sam_jax.get_config("tiny"),
+    "tiny-blocked": dataclasses.replace(sam_jax.get_config("tiny"), prompt_embed_dim=80),
+}
 
 
 # The blocked layout doubles the cases (~17 CPU-s): the daily tier keeps tiny's own.
@@ -27,17 +29,21 @@ def model_params(request):
     # norm scales at 1, where a skipped bias or norm goes unseen); the image encoder is not needed.
     shapes = sam_jax.param_shapes(model)
     rng = np.random.default_rng(0)
-    params = {k: jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype), shapes[k])
-              for k in ("prompt_encoder", "mask_decoder")}
+    params = {
+        k: jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype), shapes[k])
+        for k in ("prompt_encoder", "mask_decoder")
+    }
     return model, params
 
 
 def _prompts(cfg, rng, b):
     s, m = cfg.image_size, cfg.mask_input_size
-    return dict(point_coords=jnp.asarray(rng.uniform(0, s, (b, 3, 2)), jnp.float32),
-                point_labels=jnp.asarray(rng.integers(0, 2, (b, 3)), jnp.int32),
-                boxes=jnp.asarray(np.sort(rng.uniform(0, s, (b, 2, 2)), axis=1).reshape(b, 4), jnp.float32),
-                mask_inputs=jnp.asarray(rng.standard_normal((b, m, m)), jnp.float32))
+    return dict(
+        point_coords=jnp.asarray(rng.uniform(0, s, (b, 3, 2)), jnp.float32),
+        point_labels=jnp.asarray(rng.integers(0, 2, (b, 3)), jnp.int32),
+        boxes=jnp.asarray(np.sort(rng.uniform(0, s, (b, 2, 2)), axis=1).reshape(b, 4), jnp.float32),
+        mask_inputs=jnp.asarray(rng.standard_normal((b, m, m)), jnp.float32),
+    )
 
 
 CASES = {  # prompt kinds, multimask_output, shared embedding (batch 1), image_context

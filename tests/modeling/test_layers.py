@@ -40,14 +40,20 @@ def test_conv_transpose_layout():
     # blocked layout (b, h, w, a, b', C) = pixel (2h + a, 2w + b').
     from sam_jax.modeling.mask_decoder import _ConvTranspose2x2
 
-    blocked = np.asarray(_ConvTranspose2x2(8, 5).apply(
-        {"params": {"kernel": _to_flax_layout(module, "kernel", w), "bias": t.bias.detach().numpy()}}, x))
+    blocked = np.asarray(
+        _ConvTranspose2x2(8, 5).apply(
+            {"params": {"kernel": _to_flax_layout(module, "kernel", w), "bias": t.bias.detach().numpy()}}, x
+        )
+    )
     assert blocked.shape == (2, 7, 9, 2, 2, 5)
     np.testing.assert_allclose(blocked.transpose(0, 1, 3, 2, 4, 5).reshape(ref.shape), ref, rtol=0, atol=1e-5)
     # Its channels-first forms (narrow decoders), from NHWC and from NCHW input, output NCHW.
     for layout, inp in (("nhwc->nchw", x), ("nchw", x.transpose(0, 3, 1, 2))):
-        cf = np.asarray(_ConvTranspose2x2(8, 5, layout=layout).apply(
-            {"params": {"kernel": _to_flax_layout(module, "kernel", w), "bias": t.bias.detach().numpy()}}, inp))
+        cf = np.asarray(
+            _ConvTranspose2x2(8, 5, layout=layout).apply(
+                {"params": {"kernel": _to_flax_layout(module, "kernel", w), "bias": t.bias.detach().numpy()}}, inp
+            )
+        )
         np.testing.assert_allclose(cf.transpose(0, 2, 3, 1), ref, rtol=0, atol=1e-5)
 
 
@@ -110,8 +116,8 @@ def test_layer_norm2d_is_channel_layer_norm():
         t.bias.copy_(torch.randn(16))
         ref = t(torch.from_numpy(x)).numpy().transpose(0, 2, 3, 1)
     got = layer_norm(SAM_LN_EPS, "ln").apply(
-        {"params": {"scale": t.weight.detach().numpy(), "bias": t.bias.detach().numpy()}},
-        x.transpose(0, 2, 3, 1))
+        {"params": {"scale": t.weight.detach().numpy(), "bias": t.bias.detach().numpy()}}, x.transpose(0, 2, 3, 1)
+    )
     np.testing.assert_allclose(np.asarray(got), ref, rtol=0, atol=1e-5)  # fp32 rounding of O(1) values
 
 
@@ -151,8 +157,7 @@ def test_chunked_rel_pos_attention_equals_full(chunk_rows):
     from sam_jax.modeling.image_encoder import rel_pos_attention
 
     b, n, h, w, hd = 2, 3, 12, 10, 8
-    q, k, v = (RNG.randn(*s).astype(np.float32) for s in
-               [(b, n, h, w, hd), (b, n, h * w, hd), (b, n, h * w, hd)])
+    q, k, v = (RNG.randn(*s).astype(np.float32) for s in [(b, n, h, w, hd), (b, n, h * w, hd), (b, n, h * w, hd)])
     rel_h, rel_w = RNG.randn(b, n, h, w, h).astype(np.float32), RNG.randn(b, n, h, w, w).astype(np.float32)
     full = np.asarray(rel_pos_attention(q, k, v, rel_h, rel_w))
     got = np.asarray(rel_pos_attention(q, k, v, rel_h, rel_w, chunk_rows))
@@ -175,16 +180,19 @@ def test_decoder_attention_orders_match_official(plan, n_q, n_k):
     with torch.no_grad():
         for p in ref.parameters():
             p.normal_(0, 0.2)
-    params = {name: {"kernel": getattr(ref, name).weight.detach().numpy().T,
-                     "bias": getattr(ref, name).bias.detach().numpy()}
-              for name in ("q_proj", "k_proj", "v_proj", "out_proj")}
+    params = {
+        name: {"kernel": getattr(ref, name).weight.detach().numpy().T, "bias": getattr(ref, name).bias.detach().numpy()}
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj")
+    }
     q, k, v = (RNG.randn(2, n, 64).astype(np.float32) for n in (n_q, n_k, n_k))
     ours = Attention(64, 4, downsample_rate=2, plan=plan)
     valid = np.ones((2, n_k), bool)
-    valid[0, n_k // 2:] = False  # batch 0 sees only the first half of its keys
+    valid[0, n_k // 2 :] = False  # batch 0 sees only the first half of its keys
     with torch.no_grad():
-        want = [ref(*(torch.from_numpy(x[i:i + 1]) for x in (q, k[:, keep], v[:, keep]))).numpy()
-                for i, keep in enumerate([slice(0, n_k // 2), slice(None)])]
+        want = [
+            ref(*(torch.from_numpy(x[i : i + 1]) for x in (q, k[:, keep], v[:, keep]))).numpy()
+            for i, keep in enumerate([slice(0, n_k // 2), slice(None)])
+        ]
     got = np.asarray(ours.apply({"params": params}, q, k, v, valid))
     # fp32 with the sums taken in another order: a few ulps of values of size ~10.
     np.testing.assert_allclose(got, np.concatenate(want), rtol=0, atol=2e-5 * np.abs(want[1]).max())

@@ -18,8 +18,7 @@ from PIL import Image
 from segment_anything.utils.transforms import ResizeLongestSide
 
 import sam_jax
-from sam_jax.transforms import (apply_boxes, apply_coords, postprocess_masks, preprocess,
-                                resize_longest_side)
+from sam_jax.transforms import apply_boxes, apply_coords, postprocess_masks, preprocess, resize_longest_side
 from tests.reference import max_rel_err, to_nchw, to_nhwc
 
 MODELS = ["tiny", pytest.param("vit_b", marks=pytest.mark.full)]
@@ -66,23 +65,25 @@ def prompt_cases(s: int):
         "box": dict(boxes=box),
         "points_box": dict(points=(many[:, :2], many_labels[:, :2]), boxes=box),
         "mask": dict(points=(pts, np.array([[1]])), masks=mask),
-        "batch_of_3": dict(points=(np.repeat(many, 3, 0) * f([[[1.0]], [[0.8]], [[0.6]]]),
-                                   np.repeat(many_labels, 3, 0))),
+        "batch_of_3": dict(
+            points=(np.repeat(many, 3, 0) * f([[[1.0]], [[0.8]], [[0.6]]]), np.repeat(many_labels, 3, 0))
+        ),
         "no_prompt": {},
     }
 
 
 def torch_prompts(case):
     pts = case.get("points")
-    return dict(points=None if pts is None else (torch.from_numpy(pts[0]), torch.from_numpy(pts[1])),
-                boxes=None if "boxes" not in case else torch.from_numpy(case["boxes"]),
-                masks=None if "masks" not in case else torch.from_numpy(case["masks"][:, None]))
+    return dict(
+        points=None if pts is None else (torch.from_numpy(pts[0]), torch.from_numpy(pts[1])),
+        boxes=None if "boxes" not in case else torch.from_numpy(case["boxes"]),
+        masks=None if "masks" not in case else torch.from_numpy(case["masks"][:, None]),
+    )
 
 
 def jax_prompts(case):
     pts = case.get("points", (None, None))
-    return dict(point_coords=pts[0], point_labels=pts[1], boxes=case.get("boxes"),
-                mask_inputs=case.get("masks"))
+    return dict(point_coords=pts[0], point_labels=pts[1], boxes=case.get("boxes"), mask_inputs=case.get("masks"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -143,8 +144,9 @@ def test_attention_impl_is_checked():
     with pytest.raises(ValueError, match="attention_impl must be one of"):
         cfg = sam_jax.get_config("tiny")
         model = sam_jax.Sam(cfg, attention_impl="Chunked")  # built directly: checked when set up
-        model.init(jax.random.PRNGKey(0), jnp.zeros((1, cfg.image_size, cfg.image_size, 3)),
-                   method=sam_jax.Sam.encode_image)
+        model.init(
+            jax.random.PRNGKey(0), jnp.zeros((1, cfg.image_size, cfg.image_size, 3)), method=sam_jax.Sam.encode_image
+        )
 
 
 def test_fused_attention_kernel(monkeypatch):
@@ -172,8 +174,9 @@ def test_prompt_encoder(ref, case_name):
     with torch.no_grad():
         sparse, dense = ref.torch_model.prompt_encoder(**torch_prompts(case))
         dense_pe = ref.torch_model.prompt_encoder.get_dense_pe()
-    got_sparse, got_dense, valid = ref.model.apply({"params": ref.params}, **jax_prompts(case),
-                                                   method=sam_jax.Sam.encode_prompts)
+    got_sparse, got_dense, valid = ref.model.apply(
+        {"params": ref.params}, **jax_prompts(case), method=sam_jax.Sam.encode_prompts
+    )
     got_pe = ref.model.apply({"params": ref.params}, method=sam_jax.Sam.get_dense_pe)
     assert got_sparse.shape == sparse.shape and bool(np.all(valid))
     # Sparse tokens and the PE are sin/cos of fp32 arguments up to ~20 plus O(1) embeddings:
@@ -206,8 +209,9 @@ def test_mask_decoder(encoded, ref, case_name, multimask, context):
     tm = ref.torch_model
     with torch.no_grad():
         sparse, dense = tm.prompt_encoder(**torch_prompts(case))
-        want_logits, want_iou = tm.mask_decoder(torch.from_numpy(emb.transpose(0, 3, 1, 2)),
-                                                tm.prompt_encoder.get_dense_pe(), sparse, dense, multimask)
+        want_logits, want_iou = tm.mask_decoder(
+            torch.from_numpy(emb.transpose(0, 3, 1, 2)), tm.prompt_encoder.get_dense_pe(), sparse, dense, multimask
+        )
     extra = {}
     if context:
         extra["image_context"] = sam_jax.functional.image_context(ref.model, ref.params, jnp.asarray(emb))
@@ -216,8 +220,10 @@ def test_mask_decoder(encoded, ref, case_name, multimask, context):
     assert logits.shape == want_logits.shape and iou.shape == want_iou.shape
     err = max_rel_err(logits, want_logits.numpy())
     iou_err = float(np.abs(np.asarray(iou) - want_iou.numpy()).max())
-    print(f"{ref.name} {case_name} multimask={multimask} context={context}: logits err/std {err:.2e}, "
-          f"iou err {iou_err:.2e}")
+    print(
+        f"{ref.name} {case_name} multimask={multimask} context={context}: logits err/std {err:.2e}, "
+        f"iou err {iou_err:.2e}"
+    )
     assert err <= LOGIT_TOL
     assert iou_err <= IOU_TOL
 
@@ -228,8 +234,9 @@ def test_image_context_rejects_mask_input(encoded, ref):
     emb = jnp.asarray(encoded[1])
     context = sam_jax.functional.image_context(ref.model, ref.params, emb)
     with pytest.raises(ValueError, match="image_context"):
-        ref.model.apply({"params": ref.params}, emb, **jax_prompts(case), image_context=context,
-                        method=sam_jax.Sam.decode)
+        ref.model.apply(
+            {"params": ref.params}, emb, **jax_prompts(case), image_context=context, method=sam_jax.Sam.decode
+        )
     prompts = jax_prompts(case)
     prompts["mask_input"] = prompts.pop("mask_inputs")
     with pytest.raises(ValueError, match="image_context"):  # the functional path: the same check
@@ -252,20 +259,26 @@ def test_end_to_end(ref, size, encoded):
     tr = ResizeLongestSide(s)
     resized_ref = tr.apply_image(img)
     with torch.no_grad():
-        out = tm([{"image": torch.as_tensor(resized_ref).permute(2, 0, 1).contiguous(),
-                   "original_size": (h, w),
-                   "point_coords": torch.as_tensor(tr.apply_coords(points, (h, w)), dtype=torch.float),
-                   "point_labels": torch.as_tensor(labels),
-                   "boxes": torch.as_tensor(tr.apply_boxes(boxes, (h, w)), dtype=torch.float)}],
-                 multimask_output=True)[0]
+        out = tm(
+            [
+                {
+                    "image": torch.as_tensor(resized_ref).permute(2, 0, 1).contiguous(),
+                    "original_size": (h, w),
+                    "point_coords": torch.as_tensor(tr.apply_coords(points, (h, w)), dtype=torch.float),
+                    "point_labels": torch.as_tensor(labels),
+                    "boxes": torch.as_tensor(tr.apply_boxes(boxes, (h, w)), dtype=torch.float),
+                }
+            ],
+            multimask_output=True,
+        )[0]
         want_logits = tm.postprocess_masks(out["low_res_logits"], resized_ref.shape[:2], (h, w)).numpy()
 
     resized = resize_longest_side(img, s)
     np.testing.assert_array_equal(resized, resized_ref)  # the host resize is bit-exact
     emb = _jitted(ref.model, "encode_image")({"params": ref.params}, preprocess(jnp.asarray(resized)[None], s))
     low, iou = _jitted(ref.model, "decode", multimask_output=True)(
-        {"params": ref.params}, emb, apply_coords(points, (h, w), s), labels,
-        apply_boxes(boxes, (h, w), s))
+        {"params": ref.params}, emb, apply_coords(points, (h, w), s), labels, apply_boxes(boxes, (h, w), s)
+    )
     logits = np.asarray(postprocess_masks(low, resized.shape[:2], (h, w), s))
     masks = logits > 0.0
 
@@ -275,15 +288,18 @@ def test_end_to_end(ref, size, encoded):
     confident = np.abs(want_logits) > CONFIDENT
     flipped = int(np.sum((masks != out["masks"].numpy()) & confident))
     any_diff = int(np.sum(masks != out["masks"].numpy()))
-    print(f"{ref.name} e2e {h}x{w}: logits err/std {err:.2e}, iou err {iou_err:.2e}, "
-          f"confident pixels differing {flipped}, any pixel differing {any_diff} of {masks.size}")
+    print(
+        f"{ref.name} e2e {h}x{w}: logits err/std {err:.2e}, iou err {iou_err:.2e}, "
+        f"confident pixels differing {flipped}, any pixel differing {any_diff} of {masks.size}"
+    )
     assert err <= LOGIT_TOL
     assert iou_err <= IOU_TOL
     assert flipped == 0
 
 
-@pytest.mark.parametrize("ref", [pytest.param("vit_l", marks=pytest.mark.full),
-                                 pytest.param("vit_h", marks=pytest.mark.full)], indirect=True)
+@pytest.mark.parametrize(
+    "ref", [pytest.param("vit_l", marks=pytest.mark.full), pytest.param("vit_h", marks=pytest.mark.full)], indirect=True
+)
 def test_larger_sizes(encoded, ref):
     """vit_l and vit_h, once each, through the real converter: the image embedding, then the
     decoder on every prompt case. The other stages run the same code at every size and are checked

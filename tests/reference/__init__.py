@@ -31,27 +31,44 @@ def official_sam(cfg: SamConfig):
     """The official `Sam` for a config, as `build_sam._build_sam` assembles it."""
     from functools import partial
 
-    from segment_anything.modeling import (ImageEncoderViT, MaskDecoder, PromptEncoder, Sam,
-                                           TwoWayTransformer)
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
     grid = cfg.image_size // cfg.patch_size
     sam = Sam(
         image_encoder=ImageEncoderViT(
-            depth=cfg.encoder_depth, embed_dim=cfg.encoder_embed_dim, img_size=cfg.image_size,
-            mlp_ratio=cfg.mlp_ratio, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            num_heads=cfg.encoder_num_heads, patch_size=cfg.patch_size, qkv_bias=True, use_rel_pos=True,
-            global_attn_indexes=list(cfg.encoder_global_attn_indexes), window_size=cfg.window_size,
-            out_chans=cfg.prompt_embed_dim),
+            depth=cfg.encoder_depth,
+            embed_dim=cfg.encoder_embed_dim,
+            img_size=cfg.image_size,
+            mlp_ratio=cfg.mlp_ratio,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=cfg.encoder_num_heads,
+            patch_size=cfg.patch_size,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=list(cfg.encoder_global_attn_indexes),
+            window_size=cfg.window_size,
+            out_chans=cfg.prompt_embed_dim,
+        ),
         prompt_encoder=PromptEncoder(
-            embed_dim=cfg.prompt_embed_dim, image_embedding_size=(grid, grid),
-            input_image_size=(cfg.image_size, cfg.image_size), mask_in_chans=cfg.mask_in_chans),
+            embed_dim=cfg.prompt_embed_dim,
+            image_embedding_size=(grid, grid),
+            input_image_size=(cfg.image_size, cfg.image_size),
+            mask_in_chans=cfg.mask_in_chans,
+        ),
         mask_decoder=MaskDecoder(
             num_multimask_outputs=cfg.num_multimask_outputs,
-            transformer=TwoWayTransformer(depth=cfg.decoder_depth, embedding_dim=cfg.prompt_embed_dim,
-                                          mlp_dim=cfg.decoder_mlp_dim, num_heads=cfg.decoder_num_heads),
-            transformer_dim=cfg.prompt_embed_dim, iou_head_depth=cfg.iou_head_depth,
-            iou_head_hidden_dim=cfg.iou_head_hidden_dim),
-        pixel_mean=list(PIXEL_MEAN), pixel_std=list(PIXEL_STD),
+            transformer=TwoWayTransformer(
+                depth=cfg.decoder_depth,
+                embedding_dim=cfg.prompt_embed_dim,
+                mlp_dim=cfg.decoder_mlp_dim,
+                num_heads=cfg.decoder_num_heads,
+            ),
+            transformer_dim=cfg.prompt_embed_dim,
+            iou_head_depth=cfg.iou_head_depth,
+            iou_head_hidden_dim=cfg.iou_head_hidden_dim,
+        ),
+        pixel_mean=list(PIXEL_MEAN),
+        pixel_std=list(PIXEL_STD),
     )
     return sam.eval()
 
@@ -81,7 +98,7 @@ def randomise_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
             new = randn(t.shape, 0.1)
         elif leaf == "weight":
             fan_in = t[0].numel() if "output_upscaling" not in module else t.shape[0]
-            new = randn(t.shape, fan_in ** -0.5)
+            new = randn(t.shape, fan_in**-0.5)
         else:
             raise AssertionError(f"no randomisation rule for {key}")
         if "output_hypernetworks_mlps" in module and module.endswith("layers.2"):
@@ -115,8 +132,7 @@ def count_params_without_torch(path: str) -> int:
         "assert 'torch' not in sys.modules\n"
         "print(sam_jax.count_params(params))\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       cwd=ROOT, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
     return int(r.stdout.strip())
 

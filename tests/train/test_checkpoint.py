@@ -25,16 +25,25 @@ def test_resume_is_bitwise_equal(tiny, tmp_path):
     s, g = model.config.image_size, model.config.embedding_size
     # Warm-up + cosine schedule, clipping and weight decay: the optimizer state must carry the
     # step count and both moments for the resumed run to match.
-    cfg = TrainConfig(learning_rate=1e-3, warmup_steps=2, decay_steps=N,
-                      prompts=PromptConfig(corrective_points=0, no_point_rounds=0, box_prob=0.0))
+    cfg = TrainConfig(
+        learning_rate=1e-3,
+        warmup_steps=2,
+        decay_steps=N,
+        prompts=PromptConfig(corrective_points=0, no_point_rounds=0, box_prob=0.0),
+    )
     tx = make_optimizer(cfg, params)
     step = make_train_step(model, tx, cfg)
     rs = np.random.RandomState(0)
     emb = jnp.asarray(rs.randn(N, 2, g, g, model.config.prompt_embed_dim).astype(np.float32))
     yy, xx = np.mgrid[:s, :s]
-    masks = jnp.asarray(np.stack([[(xx - 40 - 10 * t) ** 2 + (yy - 70) ** 2 < 900,
-                                   np.abs(xx - 100) + np.abs(yy - 60) < 30 + t]
-                                  for t in range(N)])[:, None].repeat(2, 1))  # (N, B=2, K=2, S, S)
+    masks = jnp.asarray(
+        np.stack(
+            [
+                [(xx - 40 - 10 * t) ** 2 + (yy - 70) ** 2 < 900, np.abs(xx - 100) + np.abs(yy - 60) < 30 + t]
+                for t in range(N)
+            ]
+        )[:, None].repeat(2, 1)
+    )  # (N, B=2, K=2, S, S)
     base = jax.random.PRNGKey(42)
 
     def run(state, start, stop):

@@ -109,13 +109,15 @@ def test_coco_polygons_and_rle(tmp_path):
     square = np.zeros((40, 50), bool)
     square[10:20, 5:25] = True
     uncompressed = {"size": [40, 50], "counts": _runs(square[::-1])}
-    coco = {"images": [{"id": 1, "file_name": "x.png", "height": 40, "width": 50}],
-            "annotations": [
-                {"image_id": 1, "iscrowd": 0, "segmentation": [[5, 10, 25, 10, 25, 20, 5, 20]]},
-                {"image_id": 1, "iscrowd": 0,
-                 "segmentation": {"size": [40, 50], "counts": _rle_encode_compressed(blob)}},
-                {"image_id": 1, "iscrowd": 0, "segmentation": uncompressed},
-                {"image_id": 1, "iscrowd": 1, "segmentation": [[0, 0, 10, 0, 10, 10]]}]}
+    coco = {
+        "images": [{"id": 1, "file_name": "x.png", "height": 40, "width": 50}],
+        "annotations": [
+            {"image_id": 1, "iscrowd": 0, "segmentation": [[5, 10, 25, 10, 25, 20, 5, 20]]},
+            {"image_id": 1, "iscrowd": 0, "segmentation": {"size": [40, 50], "counts": _rle_encode_compressed(blob)}},
+            {"image_id": 1, "iscrowd": 0, "segmentation": uncompressed},
+            {"image_id": 1, "iscrowd": 1, "segmentation": [[0, 0, 10, 0, 10, 10]]},
+        ],
+    }
     path = tmp_path / "ann.json"
     path.write_text(json.dumps(coco))
     s = tdata.load_coco(str(path), str(tmp_path), 50)
@@ -141,12 +143,23 @@ def test_coco_annotations_decode_as_the_coco_api(tmp_path):
     blob = rs.rand(h, w) < 0.3
     blob[0, 0] = True  # a first run of zero 0s
     ring = [[4.5, 3.2, 30.7, 6.1, 26.3, 20.8, 8.9, 17.4], [33, 25, 50, 28, 41.5, 36]]
-    segs = [ring, {"size": [h, w], "counts": _runs(blob)},
-            {"size": [h, w], "counts": _rle_encode_compressed(~blob)}]
-    dataset = {"images": [{"id": 7, "file_name": "y.png", "height": h, "width": w}],
-               "annotations": [{"id": i + 1, "image_id": 7, "iscrowd": 0, "segmentation": seg, "area": 1.0,
-                                "bbox": [0, 0, 1, 1], "category_id": 1} for i, seg in enumerate(segs)],
-               "categories": [{"id": 1, "name": "thing"}]}
+    segs = [ring, {"size": [h, w], "counts": _runs(blob)}, {"size": [h, w], "counts": _rle_encode_compressed(~blob)}]
+    dataset = {
+        "images": [{"id": 7, "file_name": "y.png", "height": h, "width": w}],
+        "annotations": [
+            {
+                "id": i + 1,
+                "image_id": 7,
+                "iscrowd": 0,
+                "segmentation": seg,
+                "area": 1.0,
+                "bbox": [0, 0, 1, 1],
+                "category_id": 1,
+            }
+            for i, seg in enumerate(segs)
+        ],
+        "categories": [{"id": 1, "name": "thing"}],
+    }
     api = COCO()
     api.dataset = json.loads(json.dumps(dataset))
     api.createIndex()
@@ -158,9 +171,11 @@ def test_coco_annotations_decode_as_the_coco_api(tmp_path):
     np.testing.assert_array_equal(want[1], blob)
     np.testing.assert_array_equal(want[2], ~blob)
     assert want[0][28:31, 39:45].all() and want[0][8:15, 10:25].all()  # both polygons, merged
-    for bad, match in (({"size": [h, w + 1], "counts": _runs(blob)}, "size"),
-                       ({"size": [h, w], "counts": _runs(blob)[:-1]}, "counts sum"),
-                       ([[1, 2, 3, 4]], "at least 3 points")):
+    for bad, match in (
+        ({"size": [h, w + 1], "counts": _runs(blob)}, "size"),
+        ({"size": [h, w], "counts": _runs(blob)[:-1]}, "counts sum"),
+        ([[1, 2, 3, 4]], "at least 3 points"),
+    ):
         dataset["annotations"][0]["segmentation"] = bad
         path.write_text(json.dumps(dataset))
         with pytest.raises(ValueError, match=f"annotation 1 of y.png: segmentation: .*{match}"):
@@ -182,8 +197,12 @@ def test_center_points_and_sample_masks():
 def test_sample_images_by_mask_trains_every_mask_equally_often():
     """by="mask" draws images in proportion to their mask counts, so sample_masks then hits every
     mask equally often; by="image" hits a lone mask 4x as often as each of 4 crowded ones (K=1)."""
-    s = tdata.Samples(np.zeros((3, 8, 8, 3), np.uint8), np.full((3, 2), 8),
-                      [np.ones((k, 8, 8), bool) for k in (1, 2, 4)], ["a", "b", "c"])
+    s = tdata.Samples(
+        np.zeros((3, 8, 8, 3), np.uint8),
+        np.full((3, 2), 8),
+        [np.ones((k, 8, 8), bool) for k in (1, 2, 4)],
+        ["a", "b", "c"],
+    )
     draws = 40000
     for by, want in (("image", [1 / 3] * 3), ("mask", [1 / 7, 2 / 7, 4 / 7])):
         idx = tdata.sample_images(np.random.default_rng(0), s, draws, by)
@@ -191,8 +210,10 @@ def test_sample_images_by_mask_trains_every_mask_equally_often():
         np.testing.assert_allclose(freq, want, atol=0.01)  # binomial sd at 40000 draws: <= 0.0025
     per_mask = np.bincount(idx, minlength=3) / np.array([1, 2, 4])  # by="mask", one mask per draw
     np.testing.assert_allclose(per_mask / per_mask.mean(), 1.0, atol=0.04)
-    np.testing.assert_array_equal(tdata.sample_images(np.random.default_rng(5), s, 7, "mask"),
-                                  tdata.sample_images(np.random.default_rng(5), s, 7, "mask"))
+    np.testing.assert_array_equal(
+        tdata.sample_images(np.random.default_rng(5), s, 7, "mask"),
+        tdata.sample_images(np.random.default_rng(5), s, 7, "mask"),
+    )
     with pytest.raises(ValueError, match="by must be one of"):
         tdata.sample_images(np.random.default_rng(0), s, 2, "pixel")
     with pytest.raises(ValueError, match="n must be >= 1"):
@@ -239,8 +260,9 @@ def test_augment_keeps_images_and_masks_aligned():
 
 
 def test_cache_embeddings_reuses_matching_file(tmp_path):
-    s = tdata.Samples(np.zeros((5, 8, 8, 3), np.uint8), np.full((5, 2), 8), [np.ones((1, 8, 8), bool)] * 5,
-                      list("abcde"))
+    s = tdata.Samples(
+        np.zeros((5, 8, 8, 3), np.uint8), np.full((5, 2), 8), [np.ones((1, 8, 8), bool)] * 5, list("abcde")
+    )
     calls = []
 
     def encode(images, sizes):

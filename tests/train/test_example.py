@@ -17,9 +17,27 @@ sys.path.insert(0, EXAMPLES)
 
 # One-round episodes: compiling the step dominates these runs (the interactive rounds are tested
 # in test_train_prompts; bitwise resume at the library level in test_train_checkpoint).
-COMMON = ["--batch-size", "2", "--objects", "2", "--corrective-points", "0",
-          "--no-point-rounds", "0", "--box-prob", "0", "--eval-every", "2", "--checkpoint-every", "2",
-          "--warmup", "1", "--lr", "1e-3", "--no-progress"]
+COMMON = [
+    "--batch-size",
+    "2",
+    "--objects",
+    "2",
+    "--corrective-points",
+    "0",
+    "--no-point-rounds",
+    "0",
+    "--box-prob",
+    "0",
+    "--eval-every",
+    "2",
+    "--checkpoint-every",
+    "2",
+    "--warmup",
+    "1",
+    "--lr",
+    "1e-3",
+    "--no-progress",
+]
 
 
 def _run(argv):
@@ -33,8 +51,18 @@ def test_synthetic_stop_and_resume(tmp_path, tiny):
     """A run stopped at step 2 (after its checkpoint) and resumed: the history continues, the
     outputs are written once the last step is done."""
     pytest.importorskip("orbax.checkpoint")
-    base = COMMON + ["--weights", tiny.weights, "--synthetic", "6", "--heldout", "2", "--steps", "4",
-                     "--out", str(tmp_path)]
+    base = COMMON + [
+        "--weights",
+        tiny.weights,
+        "--synthetic",
+        "6",
+        "--heldout",
+        "2",
+        "--steps",
+        "4",
+        "--out",
+        str(tmp_path),
+    ]
     hist = _run(base + ["--stop-after", "2", "--no-plots"])
     assert len(hist["loss"]) == 2 and not (tmp_path / "params.safetensors").exists()
     assert (tmp_path / "train_embeddings.npz").exists()  # frozen encoder: embeddings cached once
@@ -65,9 +93,24 @@ def test_folder_data(tmp_path, tiny):
             labels[m] = j + 1
         Image.fromarray(labels[:, :100]).save(tmp_path / "masks" / f"im{i}.png")
     out = tmp_path / "run"
-    hist = _run(COMMON + ["--weights", tiny.weights, "--images", str(tmp_path / "images"),
-                          "--masks", str(tmp_path / "masks"),
-                          "--steps", "2", "--val-fraction", "0.25", "--out", str(out), "--no-plots"])
+    hist = _run(
+        COMMON
+        + [
+            "--weights",
+            tiny.weights,
+            "--images",
+            str(tmp_path / "images"),
+            "--masks",
+            str(tmp_path / "masks"),
+            "--steps",
+            "2",
+            "--val-fraction",
+            "0.25",
+            "--out",
+            str(out),
+            "--no-plots",
+        ]
+    )
     assert len(hist["loss"]) == 2 and np.isfinite(hist["loss"]).all()
     model, _ = sam_jax.load(out / "params.safetensors")
     assert model.config == sam_jax.get_config("tiny")
@@ -79,9 +122,29 @@ def test_scratch_config_trains_encoder_on_augmented_images(tmp_path):
     first points inside the masks (--point-margin), images drawn by mask count (--sample-by mask),
     images augmented per step (--augment). --augment with cached embeddings is a usage error."""
     out = tmp_path / "run"
-    hist = _run(COMMON + ["--model", "nano64", "--encoder", "full", "--augment", "--synthetic", "4",
-                          "--point-margin", "2", "--sample-by", "mask", "--heldout", "2", "--steps", "2",
-                          "--out", str(out), "--no-plots"])
+    hist = _run(
+        COMMON
+        + [
+            "--model",
+            "nano64",
+            "--encoder",
+            "full",
+            "--augment",
+            "--synthetic",
+            "4",
+            "--point-margin",
+            "2",
+            "--sample-by",
+            "mask",
+            "--heldout",
+            "2",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+            "--no-plots",
+        ]
+    )
     assert len(hist["loss"]) == 2 and np.isfinite(hist["loss"]).all()
     model, _ = sam_jax.load(out / "params.safetensors")
     from finetune import SCRATCH_CONFIGS
@@ -92,14 +155,31 @@ def test_scratch_config_trains_encoder_on_augmented_images(tmp_path):
     assert exc.value.code == 2
 
 
-@pytest.mark.parametrize("flag,value", [
-    ("--point-margin", "-1"), ("--steps", "0"), ("--batch-size", "0"), ("--objects", "0"),
-    ("--lr", "0"), ("--lr", "nan"), ("--warmup", "-1"), ("--weight-decay", "-0.1"),
-    ("--corrective-points", "-1"), ("--no-point-rounds", "-2"), ("--box-prob", "1.5"),
-    ("--val-fraction", "1"), ("--heldout", "0"), ("--eval-every", "0"), ("--checkpoint-every", "0"),
-    ("--stop-after", "-1"), ("--lora-rank", "0"), ("--lora-alpha", "inf"), ("--synthetic", "-4"),
-    ("--steps", "ten"),
-])
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--point-margin", "-1"),
+        ("--steps", "0"),
+        ("--batch-size", "0"),
+        ("--objects", "0"),
+        ("--lr", "0"),
+        ("--lr", "nan"),
+        ("--warmup", "-1"),
+        ("--weight-decay", "-0.1"),
+        ("--corrective-points", "-1"),
+        ("--no-point-rounds", "-2"),
+        ("--box-prob", "1.5"),
+        ("--val-fraction", "1"),
+        ("--heldout", "0"),
+        ("--eval-every", "0"),
+        ("--checkpoint-every", "0"),
+        ("--stop-after", "-1"),
+        ("--lora-rank", "0"),
+        ("--lora-alpha", "inf"),
+        ("--synthetic", "-4"),
+        ("--steps", "ten"),
+    ],
+)
 def test_out_of_range_flags_are_usage_errors(tmp_path, capsys, flag, value):
     """A number outside its flag's range stops the run before anything is built: exit 2 and one
     line that names the flag, not a crash or a silently odd run later."""

@@ -22,14 +22,21 @@ IOU_TOL = 1e-5
 def _finetuned(params, seed):
     """Stands in for fine-tuned weights: every tensor moved, so a stale or missed key shows."""
     rs = np.random.RandomState(seed)
-    return unflatten_params({k: np.asarray(v) + (0.02 * rs.randn(*np.shape(v))).astype(np.float32)
-                             for k, v in flatten_params(params).items()})
+    return unflatten_params(
+        {
+            k: np.asarray(v) + (0.02 * rs.randn(*np.shape(v))).astype(np.float32)
+            for k, v in flatten_params(params).items()
+        }
+    )
 
 
 def _prompts(s):
     f = np.float32
-    return dict(coords=f([[[0.3, 0.4], [0.6, 0.55]], [[0.5, 0.5], [0.2, 0.7]]]) * s,
-                labels=np.array([[1, 0], [1, 1]]), boxes=f([[0.1, 0.1, 0.7, 0.8], [0.3, 0.2, 0.9, 0.6]]) * s)
+    return dict(
+        coords=f([[[0.3, 0.4], [0.6, 0.55]], [[0.5, 0.5], [0.2, 0.7]]]) * s,
+        labels=np.array([[1, 0], [1, 1]]),
+        boxes=f([[0.1, 0.1, 0.7, 0.8], [0.3, 0.2, 0.9, 0.6]]) * s,
+    )
 
 
 def _compare(model, params, tm, image):
@@ -37,12 +44,15 @@ def _compare(model, params, tm, image):
     p = _prompts(s)
     emb = jax.jit(model.apply, static_argnames="method")({"params": params}, image, method=sam_jax.Sam.encode_image)
     low, iou = jax.jit(model.apply, static_argnames=("method", "multimask_output"))(
-        {"params": params}, emb, p["coords"], p["labels"], p["boxes"], method=sam_jax.Sam.decode,
-        multimask_output=True)
+        {"params": params}, emb, p["coords"], p["labels"], p["boxes"], method=sam_jax.Sam.decode, multimask_output=True
+    )
     with torch.no_grad():
         t_emb = tm.image_encoder(to_nchw(image))
-        sparse, dense = tm.prompt_encoder(points=(torch.from_numpy(p["coords"]), torch.from_numpy(p["labels"])),
-                                          boxes=torch.from_numpy(p["boxes"]), masks=None)
+        sparse, dense = tm.prompt_encoder(
+            points=(torch.from_numpy(p["coords"]), torch.from_numpy(p["labels"])),
+            boxes=torch.from_numpy(p["boxes"]),
+            masks=None,
+        )
         t_low, t_iou = tm.mask_decoder(t_emb, tm.prompt_encoder.get_dense_pe(), sparse, dense, True)
     err = max_rel_err(low, t_low.numpy())
     iou_err = float(np.abs(np.asarray(iou) - t_iou.numpy()).max())
@@ -82,11 +92,20 @@ def test_round_trip_vit_b_through_registry(vit_b, tmp_path):
     p = _prompts(1024)
     emb = np.random.RandomState(2).randn(1, 64, 64, 256).astype(np.float32)
     low, iou = jax.jit(vit_b.model.apply, static_argnames=("method", "multimask_output"))(
-        {"params": jax.tree_util.tree_map(jnp.asarray, params)}, emb, p["coords"], p["labels"], p["boxes"],
-        method="decode", multimask_output=True)
+        {"params": jax.tree_util.tree_map(jnp.asarray, params)},
+        emb,
+        p["coords"],
+        p["labels"],
+        p["boxes"],
+        method="decode",
+        multimask_output=True,
+    )
     with torch.no_grad():
-        sparse, dense = tm.prompt_encoder(points=(torch.from_numpy(p["coords"]), torch.from_numpy(p["labels"])),
-                                          boxes=torch.from_numpy(p["boxes"]), masks=None)
+        sparse, dense = tm.prompt_encoder(
+            points=(torch.from_numpy(p["coords"]), torch.from_numpy(p["labels"])),
+            boxes=torch.from_numpy(p["boxes"]),
+            masks=None,
+        )
         t_low, t_iou = tm.mask_decoder(to_nchw(emb), tm.prompt_encoder.get_dense_pe(), sparse, dense, True)
     err = max_rel_err(low, t_low.numpy())
     iou_err = float(np.abs(np.asarray(iou) - t_iou.numpy()).max())
@@ -140,8 +159,7 @@ def test_cli_to_pytorch(tiny, tmp_path, capsys):
     want = export_state_dict(params)
     for k, v in tm.state_dict().items():
         assert np.array_equal(v.numpy(), want[k]), k  # bitwise
-    for argv in (["--to", "pytorch", str(src), str(tmp_path / "o.safetensors")],
-                 ["--to", "pytorch", str(src)]):
+    for argv in (["--to", "pytorch", str(src), str(tmp_path / "o.safetensors")], ["--to", "pytorch", str(src)]):
         assert convert_main(argv) == 2, argv
         assert len(capsys.readouterr().err.strip().splitlines()) == 1, argv
     assert convert_main(["--to", "pytorch", str(src), str(tmp_path / "no" / "o.pth")]) == 1

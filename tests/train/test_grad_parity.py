@@ -56,8 +56,9 @@ def torch_sam_loss(low, iou_pred, gt, cfg: LossConfig = LossConfig()):
     p = torch.sigmoid(logits)
     ce = F.binary_cross_entropy_with_logits(logits, t, reduction="none")
     p_t = p * t + (1 - p) * (1 - t)
-    focal = ((cfg.focal_alpha * t + (1 - cfg.focal_alpha) * (1 - t)) * ce
-             * (1 - p_t) ** cfg.focal_gamma).mean(dim=(-2, -1))
+    focal = ((cfg.focal_alpha * t + (1 - cfg.focal_alpha) * (1 - t)) * ce * (1 - p_t) ** cfg.focal_gamma).mean(
+        dim=(-2, -1)
+    )
     dice = 1 - (2 * (p * t).sum(dim=(-2, -1)) + 1) / (p.sum(dim=(-2, -1)) + t.sum(dim=(-2, -1)) + 1)
     per_mask = cfg.focal_weight * focal + cfg.dice_weight * dice
     best = per_mask.argmin(dim=1)
@@ -73,10 +74,19 @@ def torch_sam_loss(low, iou_pred, gt, cfg: LossConfig = LossConfig()):
 def make_case(s: int, box_and_mask: bool):
     """Two prompts on one image: two points each (1, 0), optionally a box and a mask input each."""
     yy, xx = np.mgrid[:s, :s] / s
-    gt = np.stack([((xx - 0.4) / 0.25) ** 2 + ((yy - 0.45) / 0.18) ** 2 < 1,
-                   (np.abs(xx - 0.62) < 0.15) & (np.abs(yy - 0.4) < 0.22)])
-    case = {"gt": gt, "coords": np.float32([[[0.4, 0.45], [0.8, 0.8]], [[0.62, 0.4], [0.3, 0.5]]]) * s,
-            "labels": np.array([[1, 0], [1, 0]], np.int64), "boxes": None, "masks": None}
+    gt = np.stack(
+        [
+            ((xx - 0.4) / 0.25) ** 2 + ((yy - 0.45) / 0.18) ** 2 < 1,
+            (np.abs(xx - 0.62) < 0.15) & (np.abs(yy - 0.4) < 0.22),
+        ]
+    )
+    case = {
+        "gt": gt,
+        "coords": np.float32([[[0.4, 0.45], [0.8, 0.8]], [[0.62, 0.4], [0.3, 0.5]]]) * s,
+        "labels": np.array([[1, 0], [1, 0]], np.int64),
+        "boxes": None,
+        "masks": None,
+    }
     if box_and_mask:
         case["boxes"] = np.float32([[0.13, 0.25, 0.67, 0.66], [0.45, 0.16, 0.8, 0.64]]) * s
         case["masks"] = np.random.RandomState(5).randn(2, s // 4, s // 4).astype(np.float32) * 2
@@ -85,8 +95,11 @@ def make_case(s: int, box_and_mask: bool):
 
 def torch_forward(tm, emb_nchw, case, multimask):
     t = lambda x: None if x is None else torch.from_numpy(x)  # noqa: E731
-    sparse, dense = tm.prompt_encoder(points=(t(case["coords"]), t(case["labels"])), boxes=t(case["boxes"]),
-                                      masks=None if case["masks"] is None else t(case["masks"])[:, None])
+    sparse, dense = tm.prompt_encoder(
+        points=(t(case["coords"]), t(case["labels"])),
+        boxes=t(case["boxes"]),
+        masks=None if case["masks"] is None else t(case["masks"])[:, None],
+    )
     low, iou = tm.mask_decoder(emb_nchw, tm.prompt_encoder.get_dense_pe(), sparse, dense, multimask)
     return torch_sam_loss(low, iou, torch.from_numpy(case["gt"]))
 
@@ -118,8 +131,9 @@ def jax_float64_grads(loss, params, keys):
 
 
 def case64(case):
-    return {k: v.astype(np.float64) if isinstance(v, np.ndarray) and v.dtype == np.float32 else v
-            for k, v in case.items()}
+    return {
+        k: v.astype(np.float64) if isinstance(v, np.ndarray) and v.dtype == np.float32 else v for k, v in case.items()
+    }
 
 
 def check_ill_conditioned(errs, got, tm, torch_forward64, jax_loss64, params):
@@ -129,16 +143,28 @@ def check_ill_conditioned(errs, got, tm, torch_forward64, jax_loss64, params):
     rel = lambda g, ref: float(np.abs(np.asarray(g, np.float64) - ref).max() / np.abs(ref).max())  # noqa: E731
     for k, ref in exact.items():
         both64, own, torch32 = rel(ours64[k], ref), rel(got[k], ref), rel(tm.get_parameter(k).grad.numpy(), ref)
-        print(f"  {k}: float64 vs float64 {both64:.1e}; vs the exact gradient: sam_jax fp32 {own:.1e}, "
-              f"torch fp32 {torch32:.1e} (fp32 vs fp32 {errs.pop(k):.1e})")
+        print(
+            f"  {k}: float64 vs float64 {both64:.1e}; vs the exact gradient: sam_jax fp32 {own:.1e}, "
+            f"torch fp32 {torch32:.1e} (fp32 vs fp32 {errs.pop(k):.1e})"
+        )
         assert both64 <= GRAD_TOL, (k, both64)
         assert own <= max(GRAD_TOL, torch32), (k, own, torch32)
 
 
 def jax_loss(model, case, multimask):
     def f(params, emb):
-        return decode_loss(model, params, emb, jnp.asarray(case["gt"]), case["coords"], case["labels"],
-                           case["boxes"], case["masks"], multimask)
+        return decode_loss(
+            model,
+            params,
+            emb,
+            jnp.asarray(case["gt"]),
+            case["coords"],
+            case["labels"],
+            case["boxes"],
+            case["masks"],
+            multimask,
+        )
+
     return f
 
 
@@ -187,9 +213,9 @@ def check_decoder_grads(ref, box_and_mask, multimask):
     loss_ref.backward()
 
     (loss, aux), grads = jax.jit(jax.value_and_grad(jax_loss(ref.model, case, multimask), has_aux=True))(
-        ref.params, jnp.asarray(emb))
-    pred = np.asarray(jax.image.resize(aux["logits"], (*aux["logits"].shape[:2], s, s), "linear",
-                                       antialias=False) > 0)
+        ref.params, jnp.asarray(emb)
+    )
+    pred = np.asarray(jax.image.resize(aux["logits"], (*aux["logits"].shape[:2], s, s), "linear", antialias=False) > 0)
     # Same selected mask, and the same binarised masks (the IoU targets) wherever the reference
     # logit is not within fp32 rounding of the 0 threshold (vit_b: 3 of 6.3 M pixels flip).
     np.testing.assert_array_equal(np.asarray(aux["best"]), best_ref.numpy())
@@ -198,13 +224,17 @@ def check_decoder_grads(ref, box_and_mask, multimask):
     assert abs(float(loss) - loss_ref.item()) / abs(loss_ref.item()) <= LOSS_TOL
 
     got = export_state_dict({"prompt_encoder": grads["prompt_encoder"], "mask_decoder": grads["mask_decoder"]})
-    errs = {**rel_errors(got, tm.prompt_encoder, "prompt_encoder"),
-            **rel_errors(got, tm.mask_decoder, "mask_decoder")}
+    errs = {**rel_errors(got, tm.prompt_encoder, "prompt_encoder"), **rel_errors(got, tm.mask_decoder, "mask_decoder")}
     if box_and_mask and ref.name == "tiny":
         c64 = case64(case)
-        check_ill_conditioned(errs, got, tm, lambda m: torch_forward(m, to_nchw(emb).double(), c64, multimask)[0],
-                              lambda p: jax_loss(ref.model, c64, multimask)(p, jnp.asarray(emb, jnp.float64))[0],
-                              ref.params)
+        check_ill_conditioned(
+            errs,
+            got,
+            tm,
+            lambda m: torch_forward(m, to_nchw(emb).double(), c64, multimask)[0],
+            lambda p: jax_loss(ref.model, c64, multimask)(p, jnp.asarray(emb, jnp.float64))[0],
+            ref.params,
+        )
     report(f"{ref.name} box_and_mask={box_and_mask} multimask={multimask} loss {float(loss):.6f}", errs)
     assert_within(errs)
 
@@ -215,9 +245,14 @@ def assert_within(errs):
 
 
 # The daily tier keeps points alone; box + mask input adds ~25 CPU-s per case.
-@pytest.mark.parametrize("box_and_mask,multimask", [pytest.param(True, True, marks=pytest.mark.full),
-                                                    pytest.param(True, False, marks=pytest.mark.full),
-                                                    (False, False)])
+@pytest.mark.parametrize(
+    "box_and_mask,multimask",
+    [
+        pytest.param(True, True, marks=pytest.mark.full),
+        pytest.param(True, False, marks=pytest.mark.full),
+        (False, False),
+    ],
+)
 def test_decoder_grads_tiny(tiny, box_and_mask, multimask):
     """Points + box + mask input, multimask on and off; and points alone (the "not a point"
     padding token, no_mask_embed), single-mask output."""
@@ -239,8 +274,7 @@ def test_trainable_set_is_torch_parameters(tiny):
     want |= {f"mask_decoder.{n}" for n, _ in tm.mask_decoder.named_parameters()}
     assert train == want
     full = flatten_params(param_labels(tiny.params, "full"))
-    assert {torch_key(k) for k, v in full.items() if v == "train"} == \
-        {n for n, _ in tm.named_parameters()}
+    assert {torch_key(k) for k, v in full.items() if v == "train"} == {n for n, _ in tm.named_parameters()}
 
 
 def _encoder_case(ref):
@@ -272,12 +306,19 @@ def test_full_model_grads_tiny(tiny, multimask):
     c64 = case64(case)
 
     def f64(params):  # the encoder without Sam.encode_image's float32 cast
-        emb = tiny.model.apply({"params": params}, jnp.asarray(x, jnp.float64),
-                               method=lambda m, im: m.image_encoder(im))
+        emb = tiny.model.apply(
+            {"params": params}, jnp.asarray(x, jnp.float64), method=lambda m, im: m.image_encoder(im)
+        )
         return jax_loss(tiny.model, c64, multimask)(params, emb)[0]
 
-    check_ill_conditioned(errs, got, tm, lambda m: torch_forward(
-        m, m.image_encoder(to_nchw(x).double()), c64, multimask)[0], f64, tiny.params)
+    check_ill_conditioned(
+        errs,
+        got,
+        tm,
+        lambda m: torch_forward(m, m.image_encoder(to_nchw(x).double()), c64, multimask)[0],
+        f64,
+        tiny.params,
+    )
     report(f"tiny full model multimask={multimask}", errs)
     assert_within(errs)
 
@@ -319,8 +360,10 @@ def test_lora_grads_tiny(tiny):
         mod = k.rsplit("/", 1)[0]
         b = np.asarray(flat[mod + "/kernel_lora_b"], np.float64)
         g_w = tm.get_parameter(torch_key(mod + "/kernel")).grad.numpy().T.astype(np.float64)  # (in, out)
-        for leaf, want in (("kernel_lora_a", scale * g_w @ b.T),
-                           ("kernel_lora_b", scale * np.asarray(a, np.float64).T @ g_w)):
+        for leaf, want in (
+            ("kernel_lora_a", scale * g_w @ b.T),
+            ("kernel_lora_b", scale * np.asarray(a, np.float64).T @ g_w),
+        ):
             got = np.asarray(gflat[f"{mod}/{leaf}"], np.float64)
             errs[f"{torch_key(mod + '/kernel')}.{leaf}"] = float(np.abs(got - want).max() / np.abs(want).max())
     assert len(errs) == 2 * 2 * tiny.model.config.encoder_depth  # qkv and proj of every block

@@ -77,8 +77,11 @@ def test_only_lowest_loss_mask_gets_mask_gradient_and_iou_head_all():
     assert bool(jnp.all(g_iou != 0))  # the IoU head is trained on all three masks
     cfg = LossConfig()
     up = upsample_logits(logits, 32)
-    want = (cfg.focal_weight * sigmoid_focal_loss(up[0, 1], gt[0]) + dice_loss(up[0, 1], gt[0])
-            + jnp.mean((iou_pred[0] - mask_iou(up[0] > 0, gt[0][None])) ** 2))
+    want = (
+        cfg.focal_weight * sigmoid_focal_loss(up[0, 1], gt[0])
+        + dice_loss(up[0, 1], gt[0])
+        + jnp.mean((iou_pred[0] - mask_iou(up[0] > 0, gt[0][None])) ** 2)
+    )
     assert abs(float(loss) - float(want)) < 1e-6
 
 
@@ -91,8 +94,7 @@ def test_weights_are_applied():
     assert abs(float(only_focal) - float(aux["focal"][0])) < 1e-7
 
 
-@pytest.mark.parametrize("shapes", [((1, 3, 8), (1, 32, 32)), ((1, 3, 8, 8), (2, 32, 32)),
-                                    ((1, 3, 8, 8), (1, 32, 30))])
+@pytest.mark.parametrize("shapes", [((1, 3, 8), (1, 32, 32)), ((1, 3, 8, 8), (2, 32, 32)), ((1, 3, 8, 8), (1, 32, 30))])
 def test_bad_shapes_raise(shapes):
     lo, g = shapes
     with pytest.raises(ValueError):

@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 
 from sam_jax import PAD_LABEL
-from sam_jax.train import (PromptConfig, interactive_loss, mask_boxes, noisy_boxes, point_schedule,
-                           sample_corrective_points, sample_foreground_points)
+from sam_jax.train import (
+    PromptConfig,
+    interactive_loss,
+    mask_boxes,
+    noisy_boxes,
+    point_schedule,
+    sample_corrective_points,
+    sample_foreground_points,
+)
 from sam_jax.train.prompts import interior
 
 
@@ -54,7 +61,7 @@ def test_point_margin_keeps_first_points_inside():
         c = np.asarray(sample_foreground_points(jax.random.PRNGKey(seed), mj, 2)[0])[:, 0].astype(int)
         for i in range(2):
             x, y = c[i]
-            assert m[i, y - 2:y + 3, x - 2:x + 3].all()
+            assert m[i, y - 2 : y + 3, x - 2 : x + 3].all()
             seen[i].add((x, y))
         assert c[2, 1] == 31 and 21 <= c[2, 0] <= 38
     assert len(seen[0]) > 0.5 * inner[0].sum()  # spread over the interior (uniform: ~85% hit in 200)
@@ -126,8 +133,11 @@ def _episode_inputs(tiny):
     model, params = tiny.model, tiny.params
     s = model.config.image_size
     g = model.config.embedding_size
-    gt = jnp.asarray(np.stack([np.pad(_masks(64)[0], ((20, s - 84), (30, s - 94))),
-                               np.pad(_masks(64)[1], ((50, s - 114), (10, s - 74)))]))
+    gt = jnp.asarray(
+        np.stack(
+            [np.pad(_masks(64)[0], ((20, s - 84), (30, s - 94))), np.pad(_masks(64)[1], ((50, s - 114), (10, s - 74)))]
+        )
+    )
     emb = jax.random.normal(jax.random.PRNGKey(5), (2, g, g, model.config.prompt_embed_dim))
     return model, params, emb, gt
 
@@ -159,8 +169,8 @@ def test_remat_rounds_same_gradient_less_memory(tiny):
 
     def grad_fn(remat):
         def loss(d):
-            return interactive_loss(model, {**params, **d}, emb, gt, jax.random.PRNGKey(3), cfg,
-                                    remat_rounds=remat)[0]
+            return interactive_loss(model, {**params, **d}, emb, gt, jax.random.PRNGKey(3), cfg, remat_rounds=remat)[0]
+
         return jax.jit(jax.value_and_grad(loss)).lower(dec).compile()
 
     plain, remat = grad_fn(False), grad_fn(True)

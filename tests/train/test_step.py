@@ -9,8 +9,7 @@ import pytest
 
 import sam_jax
 from sam_jax.checkpoints import flatten_params
-from sam_jax.train import (PromptConfig, TrainConfig, TrainState, add_lora, make_optimizer,
-                           make_train_step, param_labels)
+from sam_jax.train import PromptConfig, TrainConfig, TrainState, add_lora, make_optimizer, make_train_step, param_labels
 
 # One-round episodes keep compilation quick; the interactive rounds are tested in test_train_prompts
 # and by the example's smoke run.
@@ -83,8 +82,7 @@ def test_frozen_encoder_unchanged_and_stateless(setup, frozen_step):
 def test_cached_embeddings_equal_images_path(setup, frozen_step):
     model, params, images, masks = setup
     tx, step = frozen_step
-    emb = jax.jit(model.apply, static_argnames="method")({"params": params}, images,
-                                                          method=sam_jax.Sam.encode_image)
+    emb = jax.jit(model.apply, static_argnames="method")({"params": params}, images, method=sam_jax.Sam.encode_image)
     s1, m1 = step(TrainState.create(params, tx), {"images": images, "masks": masks}, jax.random.PRNGKey(3))
     s2, m2 = step(TrainState.create(params, tx), {"embeddings": emb, "masks": masks}, jax.random.PRNGKey(3))
     # Same math; the encoder runs inside vs outside the step's jit, so fusion may differ by ulps.
@@ -170,7 +168,8 @@ def test_errors(setup, full_step):
     with pytest.raises(ValueError, match="cached embeddings"):
         step(TrainState.create(params, tx), {"embeddings": emb, "masks": masks}, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="exactly one"):
-        step(TrainState.create(params, tx), {"embeddings": emb, "images": images, "masks": masks},
-             jax.random.PRNGKey(0))
+        step(
+            TrainState.create(params, tx), {"embeddings": emb, "images": images, "masks": masks}, jax.random.PRNGKey(0)
+        )
     with pytest.raises(ValueError, match="masks"):
         step(TrainState.create(params, tx), {"images": images, "masks": masks[0]}, jax.random.PRNGKey(0))

@@ -20,7 +20,7 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
         if suppressed[i]:
             continue
         keep.append(i)
-        rest = order[_i + 1:]
+        rest = order[_i + 1 :]
         xx1 = torch.maximum(x1[i], x1[rest])
         yy1 = torch.maximum(y1[i], y1[rest])
         xx2 = torch.minimum(x2[i], x2[rest])
