@@ -1,9 +1,10 @@
 """Shared fixtures: randomised official checkpoints, converted by the real converter; the test tiers.
 
-Tiers: every test that needs a full-size model (the `vit_b` / `vit_l` / `vit_h` fixtures below, or a
-`full` mark) is marked `full`. `python -m pytest` runs everything; `python -m pytest -m "not full"`
-is the daily tier. torch is imported only by the fixtures that build the official reference, so
-the suite collects without it.
+Tiers: a test that requests a full-size model (the `vit_b` / `vit_l` / `vit_h` fixtures below) is
+marked `full` here; long runs and the costlier variants of a check the daily tier already makes
+carry an explicit `full` mark, with their measured cost. `python -m pytest` runs everything;
+`python -m pytest -m "not full"` is the daily tier (a few minutes on 2 cores). torch is imported
+only by the fixtures that build the official reference, so the suite collects without it.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from tests import reference
 
 
 def _import_transformers():
-    """transformers would take tests/torchvision_standin for torchvision and fail on names the
+    """transformers would take tests/reference/torchvision_standin for torchvision and fail on names the
     stand-in lacks. Its availability check is cached: run it (and the SAM import) with the
     stand-in hidden, so transformers settles on "no torchvision", then put the stand-in back."""
     paths = [p for p in sys.path if os.path.abspath(p) == reference.STANDIN]
