@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Dict, Tuple, Union
+import math
+import numbers
+from typing import Any, Dict, Iterable, List, Mapping, Tuple, Union
 
 # Pixel statistics of the official model (RGB, 0..255). The one place they live.
 PIXEL_MEAN: Tuple[float, float, float] = (123.675, 116.28, 103.53)
@@ -52,22 +54,49 @@ class SamConfig:
     iou_head_hidden_dim: int = 256
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "encoder_global_attn_indexes", tuple(int(i) for i in self.encoder_global_attn_indexes))
-        problems = []
-        if self.image_size % self.patch_size:
-            problems.append(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        if self.encoder_depth < 1:  # the converter reads head and MLP sizes off block 0
-            problems.append(f"encoder_depth must be at least 1, got {self.encoder_depth}")
-        if self.encoder_embed_dim % self.encoder_num_heads:
-            problems.append("encoder_embed_dim must be divisible by encoder_num_heads")
-        if any(not 0 <= i < self.encoder_depth for i in self.encoder_global_attn_indexes):
-            problems.append("encoder_global_attn_indexes must lie in [0, encoder_depth)")
-        if (self.prompt_embed_dim // 2) % self.decoder_num_heads:
-            problems.append("prompt_embed_dim // 2 must be divisible by decoder_num_heads")
-        if self.prompt_embed_dim % 8 or self.mask_in_chans % 4:
-            problems.append("prompt_embed_dim must be a multiple of 8 and mask_in_chans of 4")
+        problems = self._normalise_fields()
+        if not problems:  # the relations below need fields of the right type and sign
+            if self.image_size % self.patch_size:
+                problems.append(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+            if self.encoder_embed_dim % self.encoder_num_heads:
+                problems.append("encoder_embed_dim must be divisible by encoder_num_heads")
+            if any(not 0 <= i < self.encoder_depth for i in self.encoder_global_attn_indexes):
+                problems.append("encoder_global_attn_indexes must lie in [0, encoder_depth)")
+            if int(self.encoder_embed_dim * self.mlp_ratio) < 1:
+                problems.append("encoder_embed_dim * mlp_ratio (the ViT MLP width) must be at least 1")
+            if (self.prompt_embed_dim // 2) % self.decoder_num_heads:
+                problems.append("prompt_embed_dim // 2 must be divisible by decoder_num_heads")
+            if self.prompt_embed_dim % 8 or self.mask_in_chans % 4:
+                problems.append("prompt_embed_dim must be a multiple of 8 and mask_in_chans of 4")
         if problems:
             raise ValueError("invalid SamConfig: " + "; ".join(problems))
+
+    def _normalise_fields(self) -> List[str]:
+        """Checks each field's type and sign, and stores it as the plain Python type (an int, a
+        float, a tuple of ints: what `to_json` writes and `==` compares). Returns the problems, each
+        naming its field. Sizes are integers of at least 1 (the converter reads head and MLP sizes
+        off block 0, so even `encoder_depth` cannot be 0); a bool or a float is not an integer."""
+        problems = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "encoder_global_attn_indexes":
+                ok = isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping))
+                items = tuple(value) if ok else ()
+                ok = ok and all(_is_int(i) for i in items)
+                normal: Any = tuple(int(i) for i in items)
+                expected = "a list of block indexes"
+            elif f.name == "mlp_ratio":
+                ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+                ok = ok and value > 0
+                normal, expected = float(value) if ok else None, "a positive number"
+            else:
+                ok = _is_int(value) and value >= 1
+                normal, expected = int(value) if ok else None, "a positive integer"
+            if ok:
+                object.__setattr__(self, f.name, normal)
+            else:
+                problems.append(f"{f.name} must be {expected}, got {value!r:.60}")
+        return problems
 
     @property
     def embedding_size(self) -> int:
@@ -88,12 +117,21 @@ class SamConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "SamConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> "SamConfig":
+        """The inverse of `to_dict` (fields left out take their defaults). Raises ValueError, one
+        line naming each field at fault, for anything else: not a mapping, unknown fields, a
+        field of the wrong type or size."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"a SamConfig is a mapping of its fields, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(str(k) for k in set(d) - known)
         if unknown:
             raise ValueError(f"unknown SamConfig fields: {unknown}")
         return cls(**d)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 PRESETS: Dict[str, SamConfig] = {

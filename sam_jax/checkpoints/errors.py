@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
+
+from ..config import SamConfig
 
 MAX_SHOWN = 6
 
 
-class ConversionError(ValueError):
-    """A checkpoint could not be converted. `problems` lists every problem, each naming its key."""
+def printable(name: str) -> str:
+    """A name read from a file, as an error message shows it: as it is, or quoted and escaped when
+    it holds a newline or another character that would garble the message."""
+    return name if name.isprintable() else repr(name)
 
-    def __init__(self, headline: str, problems: Iterable[str] = ()):
+
+class ConversionError(ValueError):
+    """A checkpoint could not be converted. `problems` lists every problem, each naming its key;
+    `config` is the model the checkpoint was checked against, where one was found."""
+
+    def __init__(self, headline: str, problems: Iterable[str] = (), config: Optional[SamConfig] = None):
         self.headline = headline
         self.problems = list(problems)
+        self.config = config
         super().__init__(self._render())
 
     def _render(self) -> str:

@@ -20,9 +20,9 @@ import numpy as np
 from .._atomic import atomic_file
 from ..build import build_sam
 from ..config import SamConfig, get_config
-from .errors import ConversionError
+from .errors import ConversionError, printable
 from .native import write_safetensors
-from .official import _to_numpy, convert_state_dict, describe, detect_config, export_state_dict
+from .official import _to_numpy, convert_state_dict, describe, detect_config, export_state_dict, fit_error
 from .params import check_params
 
 CONFIG_FILE = "config.json"
@@ -134,7 +134,7 @@ def official_to_hf(state: Mapping[str, Any]) -> Dict[str, Any]:
     for key, value in state.items():
         new = PE_HF if key == PE_OFFICIAL else _rename(key, "to_hf", depths)
         if new is None:
-            unknown.append(f"unexpected key {key}")
+            unknown.append(f"unexpected key {printable(key)}")
         else:
             out[new] = value
     if unknown:
@@ -168,7 +168,7 @@ def hf_to_official(state: Mapping[str, Any]) -> Tuple[Dict[str, Any], List[str]]
             continue
         new = _rename(key, "to_official", depths)
         if new is None:
-            problems.append(f"unexpected key {key} {_shape(value)}")
+            problems.append(f"unexpected key {printable(key)} {_shape(value)}")
         else:
             out[new] = value
     return out, problems
@@ -276,20 +276,32 @@ def _side(value: Any) -> Any:
 
 def config_from_hf(d: Mapping[str, Any], source: str = CONFIG_FILE) -> SamConfig:
     """A transformers SamConfig dict (config.json) -> SamConfig. Absent fields take HF's defaults.
-    Raises ConversionError naming every field sam_jax cannot represent."""
+    Raises ConversionError naming `source` and every field sam_jax cannot represent, by its HF
+    name (`vision_config.hidden_size`)."""
+    if not isinstance(d, Mapping):
+        raise ConversionError(f"{source}: expected a JSON object, got {type(d).__name__}")
     if d.get("model_type", "sam") != "sam":
         raise ConversionError(
             f"{source}: model_type {d.get('model_type')!r} is not 'sam' (SAM-HQ, SAM 2 and others are different models)"
         )
     sec = {s: d.get(s) or {} for s in ("vision_config", "prompt_encoder_config", "mask_decoder_config")}
+    not_objects = [
+        f"{s} must be a JSON object, got {type(v).__name__}" for s, v in sec.items() if not isinstance(v, Mapping)
+    ]
+    if not_objects:
+        raise ConversionError(f"{source}: " + "; ".join(not_objects))
     kwargs = {name: _side(sec[s].get(f, default)) for name, s, f, default in FIELDS}
-    v = sec["vision_config"]
-    if v.get("mlp_dim") is not None:
-        kwargs["mlp_ratio"] = v["mlp_dim"] / kwargs["encoder_embed_dim"]
+    mlp_dim = sec["vision_config"].get("mlp_dim")
+    if mlp_dim is not None:  # mlp_dim / hidden_size wins over mlp_ratio; SamConfig checks hidden_size
+        if not isinstance(mlp_dim, int) or isinstance(mlp_dim, bool) or mlp_dim < 1:
+            raise ConversionError(f"{source}: vision_config.mlp_dim must be a positive integer, got {mlp_dim!r:.60}")
+        embed = kwargs["encoder_embed_dim"]
+        if isinstance(embed, int) and not isinstance(embed, bool) and embed >= 1:
+            kwargs["mlp_ratio"] = mlp_dim / embed
     try:
         cfg = SamConfig(**kwargs)
     except (ValueError, TypeError) as e:
-        raise ConversionError(f"{source}: {e}") from None
+        raise ConversionError(f"{source}: {_hf_names(str(e).removeprefix('invalid SamConfig: '))}") from None
     problems = [
         f"{s}.{f} is {sec[s].get(f, default)!r}, expected {want!r}"
         for s, f, default, want in _implied(cfg)
@@ -299,6 +311,15 @@ def config_from_hf(d: Mapping[str, Any], source: str = CONFIG_FILE) -> SamConfig
     if problems:
         raise ConversionError(f"{source}: not a model sam_jax can represent", problems)
     return cfg
+
+
+_HF_NAME = {name: f"{s}.{f}" for name, s, f, _ in FIELDS}
+_FIELD_NAME = re.compile(r"\b(" + "|".join(_HF_NAME) + r")\b")
+
+
+def _hf_names(text: str) -> str:
+    """SamConfig field names in `text` -> their config.json names."""
+    return _FIELD_NAME.sub(lambda m: _HF_NAME[m.group(1)], text)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,6 +364,8 @@ def read_hf_folder(folder: str) -> Tuple[Dict[str, np.ndarray], Optional[Dict[st
         try:
             with open(index) as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
+            if not all(isinstance(shard, str) for shard in shards):
+                raise TypeError("weight_map: file names must be strings")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise ConversionError(f"{index}: not a safetensors index ({e})") from None
         state: Dict[str, np.ndarray] = {}
@@ -354,13 +377,17 @@ def read_hf_folder(folder: str) -> Tuple[Dict[str, np.ndarray], Optional[Dict[st
 
 
 def convert_hf_state_dict(
-    state: Mapping[str, Any], model_type: Any = "auto", config: Optional[Mapping[str, Any]] = None
+    state: Mapping[str, Any],
+    model_type: Any = "auto",
+    config: Optional[Mapping[str, Any]] = None,
+    *,
+    config_source: str = CONFIG_FILE,
 ) -> Tuple[SamConfig, Dict[str, Any]]:
     """HF SamModel state_dict (numpy or torch) -> (SamConfig, nested Flax params).
 
-    The size comes from the shapes, checked against `config` (a config.json dict) when given, which
-    also supplies the decoder head count that no shape shows. Strict as `convert_state_dict`; every
-    problem names its HF key.
+    The size comes from the shapes, checked against `config` (a config.json dict, read from
+    `config_source`, which its errors name) when given, which also supplies the decoder head count
+    that no shape shows. Strict as `convert_state_dict`; every problem names its HF key.
     """
     official, extra = hf_to_official(state)
     depths = _mlp_depths(state, hf=True)
@@ -374,39 +401,38 @@ def convert_hf_state_dict(
         return re.sub(r"[A-Za-z_]\w*(?:\.\w+)+", sub, text)
 
     if config is not None:
-        cfg = config_from_hf(config)
+        cfg = config_from_hf(config, config_source)
         if model_type not in (None, "auto") and get_config(model_type) != cfg:
-            raise ConversionError(
-                f"--model-type {model_type} does not match {CONFIG_FILE}, which describes {describe(cfg)}"
-            )
-        _check_config_matches(cfg, official)
+            name = model_type if isinstance(model_type, str) else "given"
+            raise ConversionError(f"model type {name} does not match {config_source}, which describes {describe(cfg)}")
+        _check_config_matches(cfg, official, config_source)
         model_type = cfg
     try:
         cfg, params = convert_state_dict(official, model_type)
     except ConversionError as e:
         problems = extra + [to_hf_text(p) for p in e.problems]
-        headline = re.sub(r"\d+ problem\(s\)$", f"{len(problems)} problem(s)", to_hf_text(e.headline))
-        raise ConversionError(headline, problems) from None
+        if e.config is not None:
+            raise fit_error(e.config, problems) from None
+        raise ConversionError(to_hf_text(e.headline), problems) from None
     if extra:
-        raise ConversionError(f"the checkpoint does not fit {describe(cfg)}: {len(extra)} problem(s)", extra)
+        raise fit_error(cfg, extra)
     return cfg, params
 
 
-def _check_config_matches(cfg: SamConfig, official: Mapping[str, Any]) -> None:
+def _check_config_matches(cfg: SamConfig, official: Mapping[str, Any], source: str) -> None:
     try:
         found = detect_config({k: _shape(v) for k, v in official.items()})
     except ConversionError:
         return  # the key-by-key check reports what is missing
     found = dataclasses.replace(found, decoder_num_heads=cfg.decoder_num_heads)  # not in any shape
-    hf_name = {name: f"{s}.{f}" for name, s, f, _ in FIELDS}
     diffs = [
-        f"{hf_name.get(f.name, f.name)}: {CONFIG_FILE} says {getattr(cfg, f.name)}, the weights "
+        f"{_HF_NAME.get(f.name, f.name)}: {os.path.basename(source)} says {getattr(cfg, f.name)}, the weights "
         f"{getattr(found, f.name)}"
         for f in dataclasses.fields(cfg)
         if getattr(cfg, f.name) != getattr(found, f.name)
     ]
     if diffs:
-        raise ConversionError(f"{CONFIG_FILE} does not match the weights, which look like {describe(found)}", diffs)
+        raise ConversionError(f"{source} does not match the weights, which look like {describe(found)}", diffs)
 
 
 def load_hf(path: str | os.PathLike, model_type: Any = "auto") -> Tuple[SamConfig, Dict[str, Any]]:
@@ -420,7 +446,7 @@ def load_hf(path: str | os.PathLike, model_type: Any = "auto") -> Tuple[SamConfi
         state, config = read_safetensors(path)[0], None
     else:
         raise ConversionError(f"{path}: no such file or folder")
-    return convert_hf_state_dict(state, model_type, config)
+    return convert_hf_state_dict(state, model_type, config, config_source=os.path.join(path, CONFIG_FILE))
 
 
 def export_hf(params: Mapping[str, Any], config: SamConfig | str, folder: str | os.PathLike) -> Dict[str, Any]:

@@ -12,14 +12,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import warnings
 from typing import Any, Dict, Mapping, Tuple
 
 import numpy as np
 
 from ..build import build_sam, param_shapes
 from ..config import SamConfig, get_config, preset_name
-from .errors import ConversionError
-from .params import flatten_params, unflatten_params
+from .errors import ConversionError, printable
+from .params import check_depths, flatten_params, unflatten_params
 
 # torch Linear weight (out, in) -> Flax Dense kernel (in, out).
 LINEAR_TO_FLAX = (1, 0)
@@ -91,9 +92,12 @@ def _torch_shape(flax_key: str, shape: Tuple[int, ...]) -> Tuple[int, ...]:
 # Model type from shapes
 
 
-def _block_indices(shapes: Mapping[str, Tuple[int, ...]], prefix: str) -> list[int]:
-    pat = re.compile(re.escape(prefix) + r"\.(\d+)\.")
-    return sorted({int(m.group(1)) for k in shapes for m in [pat.match(k)] if m})
+def _depth(shapes: Mapping[str, Tuple[int, ...]], prefix: str, leaf: str) -> int:
+    """How many numbered blocks `prefix.{i}` there are: one past the last that holds `leaf`, a key
+    every such block has. A stray key of a block that is not there (`blocks.99.norm1.weight`) does
+    not count, so it is reported as one unexpected key rather than as a deeper model."""
+    pat = re.compile(re.escape(prefix) + r"\.(\d+)\." + re.escape(leaf))
+    return max((int(m.group(1)) + 1 for k in shapes for m in [pat.fullmatch(k)] if m), default=0)
 
 
 def detect_config(shapes: Mapping[str, Tuple[int, ...]]) -> SamConfig:
@@ -119,14 +123,14 @@ def detect_config(shapes: Mapping[str, Tuple[int, ...]]) -> SamConfig:
     try:
         embed_dim, _, patch, _ = shapes["image_encoder.patch_embed.proj.weight"]
         grid = shapes["image_encoder.pos_embed"][1]
-        blocks = _block_indices(shapes, "image_encoder.blocks")
-        rel = [shapes.get(f"image_encoder.blocks.{i}.attn.rel_pos_h", (0, 0)) for i in blocks]
+        depth = _depth(shapes, "image_encoder.blocks", "attn.rel_pos_h")
+        rel = [shapes.get(f"image_encoder.blocks.{i}.attn.rel_pos_h", (0, 0)) for i in range(depth)]
         head_dim = rel[0][1]
-        global_idx = tuple(i for i, r in zip(blocks, rel) if r[0] == 2 * grid - 1)
-        windowed = [r[0] for i, r in zip(blocks, rel) if i not in global_idx]
+        global_idx = tuple(i for i, r in enumerate(rel) if r[0] == 2 * grid - 1)
+        windowed = [r[0] for i, r in enumerate(rel) if i not in global_idx]
         cfg = SamConfig(
             encoder_embed_dim=embed_dim,
-            encoder_depth=len(blocks),
+            encoder_depth=depth,
             encoder_num_heads=embed_dim // head_dim,
             encoder_global_attn_indexes=global_idx,
             image_size=grid * patch,
@@ -135,10 +139,10 @@ def detect_config(shapes: Mapping[str, Tuple[int, ...]]) -> SamConfig:
             mlp_ratio=shapes["image_encoder.blocks.0.mlp.lin1.weight"][0] / embed_dim,
             prompt_embed_dim=shapes["image_encoder.neck.0.weight"][0],
             mask_in_chans=shapes["prompt_encoder.mask_downscaling.3.weight"][0],
-            decoder_depth=len(_block_indices(shapes, "mask_decoder.transformer.layers")),
+            decoder_depth=_depth(shapes, "mask_decoder.transformer.layers", "mlp.lin1.weight"),
             decoder_mlp_dim=shapes["mask_decoder.transformer.layers.0.mlp.lin1.weight"][0],
             num_multimask_outputs=shapes["mask_decoder.mask_tokens.weight"][0] - 1,
-            iou_head_depth=len(_block_indices(shapes, "mask_decoder.iou_prediction_head.layers")),
+            iou_head_depth=_depth(shapes, "mask_decoder.iou_prediction_head.layers", "weight"),
             iou_head_hidden_dim=shapes["mask_decoder.iou_prediction_head.layers.0.weight"][0],
         )
     except (ValueError, IndexError, ZeroDivisionError, TypeError) as e:
@@ -182,7 +186,7 @@ def _to_numpy(value: Any, key: str) -> np.ndarray:
             value = value.float()
         value = value.numpy()
     if not isinstance(value, np.ndarray):
-        raise TypeError(f"{key}: expected a tensor or numpy array, got {type(value).__name__}")
+        raise TypeError(f"{printable(key)}: expected a tensor or numpy array, got {type(value).__name__}")
     return value.astype(np.float32) if np.issubdtype(value.dtype, np.floating) else value
 
 
@@ -196,6 +200,10 @@ def plan_conversion(
     together in one ConversionError.
     """
     cfg = resolve_config(shapes, model_type)
+    try:
+        check_depths(cfg, len(shapes))
+    except ValueError as e:
+        raise ConversionError(f"the checkpoint does not fit {describe(cfg)}: {e}") from None
     target = flatten_params(param_shapes(build_sam(cfg)))
     problems: list[str] = []
     mapping: Dict[str, str] = {}
@@ -206,7 +214,7 @@ def plan_conversion(
             leaf = next((w for w in _WEIGHT_LEAVES if f"{fmod}/{w}" in target), "weight")
         fkey = f"{fmod}/{leaf}"
         if not module or fkey not in target:
-            problems.append(f"unexpected key {key} {tuple(shape)}")
+            problems.append(f"unexpected key {printable(key)} {tuple(shape)}")
             continue
         mapping[key] = fkey
         want = tuple(target[fkey].shape)
@@ -217,8 +225,35 @@ def plan_conversion(
         for k in sorted(set(target) - set(mapping.values()))
     ]
     if problems:
-        raise ConversionError(f"the checkpoint does not fit {describe(cfg)}: {len(problems)} problem(s)", problems)
+        raise fit_error(cfg, problems)
     return cfg, mapping
+
+
+# Kinds of problem, in the order a summary names them, with their plurals.
+_KINDS = {
+    "missing key": "missing keys",
+    "wrong shape": "wrong shapes",
+    "unexpected key": "unexpected keys",
+    "other problem": "other problems",
+}
+
+
+def _kind(problem: str) -> str:
+    if problem.startswith(("missing key", "unexpected key")):
+        return " ".join(problem.split(" ", 2)[:2])
+    return "wrong shape" if ": shape " in problem else "other problem"
+
+
+def fit_error(cfg: SamConfig, problems: list[str]) -> ConversionError:
+    """The error of a checkpoint that does not fit `cfg`: the model it was checked against, then
+    the problems counted by kind, so that one stray key reads "vit_b (...) plus 1 unexpected key"."""
+    counts = {kind: 0 for kind in _KINDS}
+    for p in problems:
+        counts[_kind(p)] += 1
+    summary = ", ".join(f"{n} {kind if n == 1 else _KINDS[kind]}" for kind, n in counts.items() if n)
+    if counts["unexpected key"] == len(problems):
+        return ConversionError(f"the checkpoint holds {describe(cfg)} plus {summary}", problems, cfg)
+    return ConversionError(f"the checkpoint does not fit {describe(cfg)}: {summary}", problems, cfg)
 
 
 def convert_state_dict(state_dict: Mapping[str, Any], model_type: Any = "auto") -> Tuple[SamConfig, Dict[str, Any]]:
@@ -289,12 +324,17 @@ def read_pth(path: str | os.PathLike) -> Mapping[str, Any]:
         import torch
     except ImportError:
         raise ConversionError("reading .pth checkpoints needs PyTorch: pip install 'sam-jax[torch]'") from None
-    with open(path, "rb") as f:
-        head = f.read(2)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError as e:
+        raise ConversionError(f"{path}: cannot read ({e.strerror or e})") from None
     if head != b"PK" and head[:1] != b"\x80":  # zip archive (torch >= 1.6) or legacy pickle
         raise ConversionError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a corrupt pickle's protocol number: the error below says it
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types; each is summarised in one line
         raise ConversionError(f"{path}: {_summarise_load_error(e)}") from None
     return unwrap(obj)

@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..checkpoints import ConversionError, export_hf, export_pth, flatten_params, load_source, save
+from ..checkpoints.named import DownloadError
 from ..checkpoints.official import describe
 from .common import Parser, run_command
 
@@ -76,6 +77,13 @@ def run(args: argparse.Namespace, prog: str) -> int:
     t0 = time.perf_counter()
     try:
         cfg, params = load_source(args.src, args.model_type)
+    except (ConversionError, DownloadError) as e:  # DownloadError: SRC named weights (vit_b, a Hub id)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: cannot read {args.src}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    try:
         if to_hf:
             export_hf(params, cfg, args.dst)
         elif to_pt:
@@ -85,7 +93,7 @@ def run(args: argparse.Namespace, prog: str) -> int:
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except OSError as e:
+    except OSError as e:  # a folder that does not exist or is not writable, a folder at DST
         print(f"error: cannot write {args.dst}: {e.strerror or e}", file=sys.stderr)
         return 1
     flat = flatten_params(params)

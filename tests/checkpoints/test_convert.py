@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import subprocess
@@ -13,6 +14,8 @@ import torch
 
 import sam_jax
 from convert import ConversionError, convert_state_dict, detect_config, export_state_dict, plan_conversion
+from convert.__main__ import main as convert_main
+from sam_jax.checkpoints.hf import convert_hf_state_dict, official_to_hf
 from tests.reference import count_params_without_torch, official_sam
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -177,6 +180,58 @@ def test_extra_key(tiny, tmp_path):
     torch.save({"model": sd}, src)
     code, _, err = run_cli(src, tmp_path / "o.safetensors")
     assert_short_error(code, err, "unexpected key mask_decoder.extra_head.weight")
+
+
+@pytest.mark.parametrize(
+    "stray",
+    [
+        "image_encoder.blocks.99.norm1.weight",
+        "mask_decoder.transformer.layers.7.norm1.weight",
+        "mask_decoder.iou_prediction_head.layers.9.bias",
+    ],
+)
+def test_one_stray_key_is_reported_as_one_unexpected_key(tiny, tmp_path, capsys, stray):
+    """Not as a deeper model with every key of its extra block missing."""
+    sd = dict(tiny.torch_model.state_dict())
+    sd[stray] = torch.zeros(48)
+    src = tmp_path / "stray.pth"
+    torch.save(sd, src)
+    assert convert_main([str(src), str(tmp_path / "o.safetensors")]) == 1
+    head = "the checkpoint holds tiny (embed dim 48, 3 blocks, image size 160) plus 1 unexpected key"
+    assert capsys.readouterr().err == f"error: {head}\n  unexpected key {stray} (48,)\n"
+    assert not os.path.exists(tmp_path / "o.safetensors")
+    # The same check on Hugging Face names.
+    hf = official_to_hf(export_state_dict(tiny.params))
+    hf["vision_encoder.layers.99.layer_norm1.weight"] = np.zeros(48, np.float32)
+    with pytest.raises(ConversionError) as e:
+        convert_hf_state_dict(hf)
+    assert e.value.headline == head
+    assert e.value.problems == ["unexpected key vision_encoder.layers.99.layer_norm1.weight (48,)"]
+
+
+def test_vit_b_with_one_stray_key():
+    with torch.device("meta"):  # shapes only, nothing allocated
+        sd = official_sam(sam_jax.get_config("vit_b")).state_dict()
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    shapes["image_encoder.blocks.99.norm1.weight"] = (768,)
+    with pytest.raises(ConversionError) as e:
+        plan_conversion(shapes)
+    vit_b = "vit_b (embed dim 768, 12 blocks, image size 1024)"
+    assert e.value.headline == f"the checkpoint holds {vit_b} plus 1 unexpected key"
+    assert e.value.problems == ["unexpected key image_encoder.blocks.99.norm1.weight (768,)"]
+    # Problems of several kinds are counted by kind.
+    del shapes["image_encoder.neck.0.weight"]
+    shapes["mask_decoder.iou_token.weight"] = (1, 7)
+    with pytest.raises(ConversionError) as e:
+        plan_conversion(shapes, "vit_b")
+    assert e.value.headline == f"the checkpoint does not fit {vit_b}: 1 missing key, 1 wrong shape, 1 unexpected key"
+
+
+def test_a_forced_config_deeper_than_the_checkpoint_is_refused_before_a_model_is_built():
+    deep = dataclasses.replace(sam_jax.get_config("tiny"), encoder_depth=10**9)
+    shapes = {f"image_encoder.blocks.{i}.norm1.weight": (48,) for i in range(5)}  # too little to detect a model
+    with pytest.raises(ConversionError, match="encoder_depth 1000000000: more blocks than the 5 tensors"):
+        plan_conversion(shapes, deep)
 
 
 def test_wrong_shape(tiny):
