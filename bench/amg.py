@@ -139,7 +139,7 @@ def prepare(model_type: str, image_name: str, workdir: str) -> None:
         off.set_image(image)
     np.save(os.path.join(workdir, "official_features.npy"), off.features.numpy())
     model, params = sam_jax.load(os.path.join(workdir, "sam.safetensors"))
-    ours = sam_jax.SamPredictor(model, params)
+    ours = sam_jax.SamPredictor(model, params, compile_ahead=False)
     ours.set_image(image)
     np.save(os.path.join(workdir, "sam_jax_embedding.npy"), np.asarray(ours.image_embeddings[0]))
     with open(os.path.join(workdir, "meta.json"), "w") as f:

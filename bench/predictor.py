@@ -207,7 +207,9 @@ def build(model_type: str, workdir: str, official_config: OfficialConfig = Offic
     if convert_main([pth, out]) != 0:
         raise SystemExit("conversion failed")
     model, params = sam_jax.load(out)
-    return OfficialPredictor(configure_official(tm, official_config)), sam_jax.SamPredictor(model, params)
+    return OfficialPredictor(configure_official(tm, official_config)), sam_jax.SamPredictor(
+        model, params, compile_ahead=False
+    )
 
 
 def encoder_flops(cfg: sam_jax.SamConfig, batch: int = 1) -> float:
@@ -288,7 +290,7 @@ def memory_child(side: str, workdir: str, model_type: str, image_name: str) -> N
 
         pred = OfficialPredictor(sam_model_registry[model_type](checkpoint=os.path.join(workdir, "sam.pth")))
     else:
-        pred = sam_jax.SamPredictor(*sam_jax.load(os.path.join(workdir, "sam.safetensors")))
+        pred = sam_jax.SamPredictor(*sam_jax.load(os.path.join(workdir, "sam.safetensors")), compile_ahead=False)
     pred.set_image(image)
     pred.predict(pts, labels)
     print(json.dumps({"side": side, "peak_rss_mb": peak_rss_mb()}))

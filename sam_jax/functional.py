@@ -12,12 +12,16 @@ Compilation discipline of `SamPredictor` (what compiles when):
     size never recompiles;
   * decoder: once per (prompt kinds present, multimask_output, point bucket, prompt bucket). Point
     sets are padded to `point_bucket` slots with `PAD_LABEL`, which the model masks out of
-    attention: the result equals the unpadded computation. Batches of prompts are padded to a
-    power of two up to MAX_PROMPTS_PER_CALL and longer batches run in chunks of that size;
+    attention: the result equals the unpadded computation. Batches of prompts run in chunks of
+    `prompts_per_call` prompts (MAX_PROMPTS_PER_CALL up to 64 point slots, fewer above), each
+    padded to a power of two;
   * mask upscaling: once per (padded output size, prompt bucket, masks per prompt, return_logits).
     Output sides are padded to `size_bucket` sides and sliced on the host; the crop + two bilinear
     resizes travel as interpolation tables (arrays), so images whose sides fall in the same
     buckets share one compilation.
+`SamPredictor` compiles the decoder programs of 1 to 16 points (with and without a box) and the
+upscaling of each new image size ahead, on a background thread (its `compile_ahead`), so that an
+interactive session meets no compilation after its first `predict`.
 """
 
 from __future__ import annotations
@@ -34,22 +38,52 @@ from .modeling import Sam
 from .modeling import image_context as modeling_image_context
 from .transforms import pad_to_square, preprocess_padded, resize_longest_side
 
-# Point slots per prompt: 1, 4, 16, 64, 256, ... (x4). The decoder's attention work grows with the
-# number of prompt tokens (see modeling.transformer.Attention), so the most common call, one
-# click, gets its own bucket: 4 slots cost ~14% more decoder work than 1 for vit_b on CPU.
+# Point slots per prompt: 1, 4, 16, 64 (x4), then 64 * sqrt(2)^k rounded up to a multiple of 16
+# (96, 128, 192, 256, 368, 512, 736, 1024, 1456, 2048, 2912, 4096, 5808, 8192, ...). The decoder's
+# attention work grows with the number of prompt tokens (see modeling.transformer.Attention), so
+# the most common call, one click, gets its own bucket: 4 slots cost ~14% more decoder work than 1
+# for vit_b on CPU. Above 64 slots the tokens' self-attention dominates and its memory grows with
+# the square of the slots (XLA's temporaries for one vit_b prompt: 21 MB at 16 slots, 342 MB at
+# 1024, 2.1 GB at 4096, 3.6 GB at 5808), so the steps shrink to sqrt(2): padding then costs at
+# most ~2x the memory of the unpadded prompt, where x4 steps cost up to 16x (4097 points padded
+# to 16384 slots: 16 GB of temporaries on the tiny model).
 MIN_POINT_SLOTS = 1
+FINE_POINT_SLOTS = 64
 MAX_PROMPTS_PER_CALL = 64
+# Prompts x point slots in one decoder call: `prompts_per_call` keeps a chunk of predict_batch
+# within what one prompt of that many slots costs times MAX_PROMPTS_PER_CALL / FINE_POINT_SLOTS,
+# so its memory grows with the slots as predict's does instead of 64 times faster.
+MAX_SLOTS_PER_CALL = MAX_PROMPTS_PER_CALL * FINE_POINT_SLOTS
 # Output sides of the mask upscaling: 256 * sqrt(2)^k rounded up to a multiple of 16 (256, 368,
 # 512, 736, 1024, 1456, 2048, 2912, 4096, 5808, 8192, ...): at most ~2x the pixels of the image.
 SIZE_BUCKET_BASE = 256
 
 
+def _sqrt2_bucket(n: int, base: int) -> int:
+    """The smallest base * sqrt(2)^k (k >= 0), rounded up to a multiple of 16, that is >= n."""
+    k = 0
+    while True:
+        b = -(-math.ceil(base * 2 ** (k / 2)) // 16) * 16
+        if n <= b:
+            return b
+        k += 1
+
+
 def point_bucket(n: int) -> int:
-    """Number of point slots a prompt with n points is padded to."""
+    """Number of point slots a prompt with n points is padded to (see FINE_POINT_SLOTS)."""
+    if n > FINE_POINT_SLOTS:
+        return _sqrt2_bucket(n, FINE_POINT_SLOTS)
     b = MIN_POINT_SLOTS
     while n > b:
         b *= 4
     return b
+
+
+def prompts_per_call(n_slots: int) -> int:
+    """Prompts of n_slots point slots each that one decoder call takes: MAX_PROMPTS_PER_CALL up to
+    FINE_POINT_SLOTS slots, then the largest power of 2 within MAX_SLOTS_PER_CALL (at least 1)."""
+    fit = max(1, MAX_SLOTS_PER_CALL // max(n_slots, 1))
+    return min(MAX_PROMPTS_PER_CALL, 1 << (fit.bit_length() - 1))
 
 
 def prompt_bucket(b: int) -> int:
@@ -59,12 +93,7 @@ def prompt_bucket(b: int) -> int:
 
 def size_bucket(n: int) -> int:
     """Padded output side for an image side of n pixels (see SIZE_BUCKET_BASE)."""
-    k = 0
-    while True:
-        b = -(-math.ceil(SIZE_BUCKET_BASE * 2 ** (k / 2)) // 16) * 16
-        if n <= b:
-            return b
-        k += 1
+    return _sqrt2_bucket(n, SIZE_BUCKET_BASE)
 
 
 # --- Pure functions: usable inside your own jax.jit. ---

@@ -3,22 +3,27 @@
 Prompts are (x, y) pixels of the ORIGINAL image; outputs are numpy arrays at the original size,
 as from the official `segment_anything.SamPredictor`. What compiles when is described in
 `sam_jax.functional` (fixed shapes: new image sizes and point counts do not recompile); how
-they are compiled for the backend, in `sam_jax.backend`.
+they are compiled for the backend, in `sam_jax.backend`; what `SamPredictor` compiles ahead, so
+that an interactive session does not stall between clicks, in `SamPredictor`.
 """
 
 from __future__ import annotations
 
+import atexit
+import collections
 import dataclasses
+import threading
+from concurrent.futures import Future
 from functools import partial
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from . import backend, inputs
 from .build import Params
 from .functional import (
-    MAX_PROMPTS_PER_CALL,
     decode_prompts,
     dense_pe,
     encode_images,
@@ -26,6 +31,7 @@ from .functional import (
     point_bucket,
     prepare_images,
     prompt_bucket,
+    prompts_per_call,
     size_bucket,
 )
 from .modeling import PAD_LABEL, Sam, decoder_params
@@ -69,6 +75,104 @@ def _pad_rows(x: np.ndarray, n: int, fill: float = 0.0) -> np.ndarray:
     return np.concatenate([x, np.full((n - x.shape[0], *x.shape[1:]), fill, x.dtype)])
 
 
+# --- Compiling ahead (see `SamPredictor`'s compile_ahead) ---
+
+# Point counts of an interactive session, one click after another: the buckets of 1 to this many
+# points are compiled ahead, with and without a box.
+INTERACTIVE_POINTS = 16
+# (mask_input given, multimask_output, return_logits) of `predict`: the official defaults are
+# what is compiled ahead before the first predict.
+Mode = Tuple[bool, bool, bool]
+DEFAULT_MODE: Mode = (False, True, False)
+
+
+class _Background:
+    """One daemon thread that runs the compilations submitted from any thread, in order. At
+    interpreter exit the queued ones are cancelled and the running one finishes, so exit waits
+    for at most one compilation."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queue: Deque[Tuple[Future, Callable[[], None]]] = collections.deque()
+        self._thread: Optional[threading.Thread] = None
+        self._closed = False
+
+    def submit(self, fn: Callable[[], None]) -> Future:
+        future: Future = Future()
+        with self._cond:
+            if self._closed:
+                future.cancel()
+                return future
+            self._queue.append((future, fn))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="sam_jax compile ahead", daemon=True)
+                self._thread.start()
+                atexit.register(self.close)
+            self._cond.notify()
+        return future
+
+    def move_to_front(self, future: Future) -> None:
+        """Runs a queued future next (someone waits for it)."""
+        with self._cond:
+            for i, item in enumerate(self._queue):
+                if item[0] is future:
+                    del self._queue[i]
+                    self._queue.appendleft(item)
+                    return
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                future, fn = self._queue.popleft()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except Exception as e:  # for whoever waits on it
+                    future.set_exception(e)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            for future, _ in self._queue:
+                future.cancel()
+            self._queue.clear()
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+
+_BACKGROUND = _Background()
+
+
+def _jax_context() -> Any:
+    """jax's configuration as this thread sees it, as far as jit's cache keys on it (thread-local
+    settings such as `with jax.default_matmul_precision(...)` included), or None where this jax
+    does not tell (it is not public API)."""
+    try:
+        from jax._src.config import trace_context
+    except ImportError:
+        return None
+    return trace_context()
+
+
+def _lower_in_caller_thread() -> bool:
+    """Whether programs compiled ahead must be lowered in the calling thread: where its jax
+    configuration differs from the one a new thread sees (a thread-local setting), or is not
+    known. A program lowered under another configuration would compile into another entry of
+    jax's cache, of no use to the call."""
+    context, fresh = _jax_context(), []
+    if context is None:
+        return True
+    probe = threading.Thread(target=lambda: fresh.append(_jax_context()))
+    probe.start()
+    probe.join()
+    return fresh != [context]
+
+
 @dataclasses.dataclass(frozen=True)
 class _Image:
     """What `set_images` keeps of one image."""
@@ -87,6 +191,21 @@ class SamPredictor:
     Args:
       model (Sam): the module, e.g. from `sam_jax.load(path)`.
       params (dict): its parameters.
+      compile_ahead (bool): compile on a background thread, from `set_image` on, what the
+        next `predict` calls of an interactive session need: the decoder for 1 to
+        INTERACTIVE_POINTS points, with and without a box (7 programs, once per process), and
+        the mask upscaling of each new image size. This is done for the official defaults from
+        `set_image` on, and for any other (mask_input given, multimask_output, return_logits)
+        from its first `predict` on. After that first call no `predict` of 1 to 16 points, with
+        or without a box, on an image of any size, compiles; a call whose program is still
+        compiling waits for it (its own moves to the front of the queue). Where the encoder runs
+        on an accelerator the programs compile while it encodes, on host cores it leaves free; on
+        XLA:CPU they compile once the encoder is done (`backend.compile_beside_encoder`: beside
+        it, vit_b's first set_image took 12 s -> 22 s on a 2-core CPU), so the first `predict`
+        still compiles its own program (~2 s for vit_b) and the others follow within seconds
+        (each new prompt shape 2 s -> 0.05 s once they are done). False compiles each program at
+        its first call, for scripts that predict once (exit waits for at most the one
+        compilation under way).
 
     Official surface: `set_image`, `predict`, `get_image_embedding`, `reset_image`,
     `is_image_set`, `original_size`, `input_size`, `features`, `transform` (outputs are numpy
@@ -95,11 +214,15 @@ class SamPredictor:
     in one call), `image_embeddings` and `upscale_tables` (device arrays for `decode_prompts`).
     """
 
-    def __init__(self, model: Sam, params: Params) -> None:
+    def __init__(self, model: Sam, params: Params, compile_ahead: bool = True) -> None:
         if not isinstance(model, Sam):
             raise TypeError(f"model must be a sam_jax.Sam, got {type(model).__name__}")
         self.model = model
         self.params = params
+        self.compile_ahead = inputs.check_flag(compile_ahead, "compile_ahead")
+        self._modes: Dict[Mode, None] = {DEFAULT_MODE: None}  # an ordered set
+        self._ahead: Dict[Hashable, Future] = {}  # programs submitted to _BACKGROUND, by compile key
+        self._avals: Optional[Tuple[jax.ShapeDtypeStruct, Dict[str, jax.ShapeDtypeStruct]]] = None
         self.image_size = model.config.image_size
         self.low_res_size = model.config.mask_input_size
         self.transform = ResizeLongestSide(self.image_size)
@@ -136,12 +259,16 @@ class SamPredictor:
             raise ValueError("images is empty: give at least one image")
         padded, sizes, originals = prepare_images(images, self.image_size, image_format)
         self.reset_image()
+        upscaling = [self._upscaling(size, original) for size, original in zip(sizes.tolist(), originals)]
+        beside = backend.compile_beside_encoder()  # while the encoder runs, or once it is done
+        if self.compile_ahead and beside:
+            self._compile_ahead(upscaling)
         # Synchronous like the official set_image: errors surface here and timings mean something.
         embeddings = jax.block_until_ready(_encode(self.model, self.params, padded, sizes))
+        if self.compile_ahead and not beside:
+            self._compile_ahead(upscaling)
         records = []
-        for emb, (h, w), (oh, ow) in zip(embeddings, sizes.tolist(), originals):
-            args = (self.low_res_size, self.image_size)
-            cols = mask_upscale_taps(*args, w, ow, size_bucket(ow))
+        for emb, (h, w), (oh, ow), (tables, width_window) in zip(embeddings, sizes.tolist(), originals, upscaling):
             records.append(
                 _Image(
                     embedding=emb,
@@ -150,11 +277,25 @@ class SamPredictor:
                     context=_image_context(self.model, self._decoder_params, emb, self._image_pe),
                     original_size=(oh, ow),
                     input_size=(h, w),
-                    tables=(jax.device_put(mask_upscale_taps(*args, h, oh, size_bucket(oh))), jax.device_put(cols)),
-                    width_window=upscale_width_window(*cols, self.low_res_size),
+                    tables=tables,
+                    width_window=width_window,
                 )
             )
         self._images = tuple(records)
+
+    def _compile_ahead(self, upscaling: Sequence[Tuple[Tables, int]]) -> None:
+        """Queues the programs the next clicks need (see the class docstring)."""
+        for mode in self._modes:
+            self._upscaling_ahead(mode, upscaling)
+            self._decoders_ahead(mode)
+
+    def _upscaling(self, input_size: Sequence[int], original_size: Sequence[int]) -> Tuple[Tables, int]:
+        """An image's mask upscaling: its tables (device arrays) and their static width window."""
+        (h, w), (oh, ow) = input_size, original_size
+        args = (self.low_res_size, self.image_size)
+        rows = mask_upscale_taps(*args, h, oh, size_bucket(oh))
+        cols = mask_upscale_taps(*args, w, ow, size_bucket(ow))
+        return (jax.device_put(rows), jax.device_put(cols)), upscale_width_window(*cols, self.low_res_size)
 
     @property
     def is_image_set(self) -> bool:
@@ -256,14 +397,16 @@ class SamPredictor:
         masks = None
         if mask_input is not None:
             masks = inputs.check_mask_input(mask_input, (1, self.low_res_size, self.low_res_size))
-        out = self._run(
-            i,
-            points,
-            boxes,
-            masks,
+        mode = (
+            masks is not None,
             inputs.check_flag(multimask_output, "multimask_output"),
             inputs.check_flag(return_logits, "return_logits"),
         )
+        out = self._run(i, points, boxes, masks, *mode[1:])
+        if self.compile_ahead and mode not in self._modes:  # this call's neighbours, for the next clicks
+            self._modes[mode] = None
+            self._decoders_ahead(mode, box_first=box is not None)
+            self._upscaling_ahead(mode, [(r.tables, r.width_window) for r in self._images])
         return out[0][0], out[1][0], out[2][0]
 
     def predict_batch(
@@ -276,7 +419,8 @@ class SamPredictor:
         return_logits: bool = False,
         image_index: int = 0,
     ) -> Outputs:
-        """Masks for B prompts on one image in one call (chunks of MAX_PROMPTS_PER_CALL).
+        """Masks for B prompts on one image in one call (chunks of `functional.prompts_per_call`:
+        64 prompts of up to 64 points, fewer of more).
 
         Equal to B `predict` calls. Prompt b combines whichever of its points, box and mask are given.
 
@@ -343,38 +487,137 @@ class SamPredictor:
         out_iou = np.empty((b, m), np.float32)
         out_low = np.empty((b, m, s, s), np.float32)
         n_slots = point_bucket(max(len(lab) for _, lab in points)) if points is not None else 0
-        for start in range(0, b, MAX_PROMPTS_PER_CALL):
-            stop = min(start + MAX_PROMPTS_PER_CALL, b)
-            n = prompt_bucket(stop - start)
-            coords = labels = chunk_boxes = chunk_masks = None
-            if points is not None:
-                coords = np.zeros((n, n_slots, 2), np.float32)
-                labels = np.full((n, n_slots), PAD_LABEL, np.int32)
-                for j, (xy, lab) in enumerate(points[start:stop]):
-                    coords[j, : len(lab)] = xy
-                    labels[j, : len(lab)] = lab
-            if boxes is not None:
-                chunk_boxes = _pad_rows(boxes[start:stop].astype(np.float32), n)
-            if masks is not None:
-                chunk_masks = _pad_rows(masks[start:stop], n)
-            if points is None and boxes is None and masks is None:
-                n = 1  # no prompt at all: the decoder's own batch of one, as officially
-            low, iou = _decode(
-                self.model,
-                self._decoder_params,
-                image.embedding,
-                coords,
-                labels,
-                chunk_boxes,
-                chunk_masks,
-                multimask_output=multimask,
-                image_pe=self._image_pe,
-                image_context=image.context if chunk_masks is None else None,
-            )
-            rows, cols = image.tables
-            full = _upscale(low, rows, cols, return_logits=return_logits, width_window=image.width_window)
+        per_call = prompts_per_call(n_slots)
+        for start in range(0, b, per_call):
+            stop = min(start + per_call, b)
+            prompts = _pad_prompts(points, boxes, masks, start, stop, n_slots)
+            key, args, kwargs = self._decoding(image.embedding, image.context, prompts, multimask)
+            self._wait(key)
+            low, iou = _decode(*args, **kwargs)
+            key, args, kwargs = _upscaling_call(low, image.tables, image.width_window, return_logits)
+            self._wait(key)
+            full = _upscale(*args, **kwargs)
             k = stop - start
             out_masks[start:stop] = np.asarray(full)[:k, :, :h, :w]
             out_iou[start:stop] = np.asarray(iou)[:k]
             out_low[start:stop] = np.asarray(low)[:k]
         return out_masks, out_iou, out_low
+
+    def _decoding(
+        self, embedding: Any, context: Any, prompts: Tuple[Optional[np.ndarray], ...], multimask: bool
+    ) -> Tuple[Hashable, tuple, dict]:
+        """The compile key, arguments and keyword arguments of a `_decode` call on prompts
+        (`_pad_prompts`): the call and its compilation ahead share them."""
+        coords, labels, boxes, masks = prompts
+        key = ("decode", *(None if x is None else x.shape for x in prompts), multimask)
+        args = (self.model, self._decoder_params, embedding, coords, labels, boxes, masks)
+        kwargs = dict(
+            multimask_output=multimask, image_pe=self._image_pe, image_context=context if masks is None else None
+        )
+        return key, args, kwargs
+
+    # --- compiling ahead ---
+
+    def _decoders_ahead(self, mode: Mode, box_first: bool = False) -> None:
+        """Submits to the background thread the decoder programs `predict` in this mode needs
+        next: each point bucket of 0 to INTERACTIVE_POINTS points, without and with a box (or the
+        other way round). Each once per predictor; one compiled already is found in jax's cache."""
+        with_mask, multimask, _ = mode
+        lower_here = _lower_in_caller_thread()
+        s = self.low_res_size
+        masks = np.zeros((1, s, s), np.float32) if with_mask else None
+        for box in (box_first, not box_first):
+            boxes = np.zeros((1, 4), np.float32) if box else None
+            for n_slots in sorted({0} | {point_bucket(n) for n in range(1, INTERACTIVE_POINTS + 1)}):
+                if n_slots == 0 and boxes is None and masks is None:
+                    continue  # no prompt at all: not an interactive call
+                points = [(np.zeros((n_slots, 2), np.float32), np.zeros(n_slots, np.int32))] if n_slots else None
+                prompts = _pad_prompts(points, boxes, masks, 0, 1, n_slots)
+                self._submit(_decode, *self._decoding(*self._image_avals(), prompts, multimask), lower_here)
+
+    def _upscaling_ahead(self, mode: Mode, upscaling: Sequence[Tuple[Tables, int]]) -> None:
+        """Submits to the background thread the mask upscaling `predict` in this mode needs for
+        images of these (tables, width window) (one program per output size bucket)."""
+        _, multimask, return_logits = mode
+        lower_here = _lower_in_caller_thread()
+        m = self.model.config.num_multimask_outputs if multimask else 1
+        low = jax.ShapeDtypeStruct((1, m, self.low_res_size, self.low_res_size), jnp.float32)
+        for tables, width_window in upscaling:
+            self._submit(_upscale, *_upscaling_call(low, tables, width_window, return_logits), lower_here)
+
+    def _image_avals(self) -> Tuple[jax.ShapeDtypeStruct, Dict[str, jax.ShapeDtypeStruct]]:
+        """The shapes of an image's embedding and `image_context`: what the decoder compiles
+        for, known before any image is encoded."""
+        if self._avals is None:
+            c = self.model.config
+            emb = jax.ShapeDtypeStruct((1, c.embedding_size, c.embedding_size, c.prompt_embed_dim), jnp.float32)
+            ctx = jax.eval_shape(partial(image_context, self.model), self._decoder_params, emb, self._image_pe)
+            self._avals = (emb, ctx)
+        return self._avals
+
+    def _submit(self, jitted: Any, key: Hashable, args: tuple, kwargs: dict, lower_here: bool) -> None:
+        """Compiles `jitted(*args, **kwargs)` on the background thread, unless submitted before;
+        compiled, it is in jax's cache, where the call finds it. Traced and lowered there too,
+        unless lower_here (see `_lower_in_caller_thread`): then here, which costs the caller
+        ~10% of the compilation (0.4 - 1 s per decoder program on a loaded 2-core CPU), but the
+        lowered program carries the caller's thread-local configuration."""
+        if key in self._ahead:
+            return
+        if lower_here:
+            lowered = jitted.lower(*args, **kwargs)
+
+            def compile_() -> None:
+                lowered.compile()
+
+        else:
+            lower, context = jitted.lower, _jax_context()  # `jit_tuned` builds its jit here, once
+
+            def compile_() -> None:
+                if _jax_context() == context:  # else jax's global configuration changed since
+                    lower(*args, **kwargs).compile()
+
+        self._ahead[key] = _BACKGROUND.submit(compile_)
+
+    def _wait(self, key: Hashable) -> None:
+        """Waits for the program of `key` if it is being compiled ahead (moved to the front)."""
+        future = self._ahead.get(key)
+        if future is None or future.done():
+            return
+        _BACKGROUND.move_to_front(future)
+        try:
+            future.result()
+        except Exception:  # cancelled at exit, or failed: then the call compiles, and raises, itself
+            pass
+
+
+def _pad_prompts(
+    points: Optional[List[Tuple[np.ndarray, np.ndarray]]],
+    boxes: Optional[np.ndarray],
+    masks: Optional[np.ndarray],
+    start: int,
+    stop: int,
+    n_slots: int,
+) -> Tuple[Optional[np.ndarray], ...]:
+    """Prompts start:stop padded to the prompt bucket (and points to n_slots slots of PAD_LABEL):
+    (coords (n, n_slots, 2), labels (n, n_slots), boxes (n, 4), masks (n, L, L)), None where absent."""
+    n = prompt_bucket(stop - start)
+    coords = labels = chunk_boxes = chunk_masks = None
+    if points is not None:
+        coords = np.zeros((n, n_slots, 2), np.float32)
+        labels = np.full((n, n_slots), PAD_LABEL, np.int32)
+        for j, (xy, lab) in enumerate(points[start:stop]):
+            coords[j, : len(lab)] = xy
+            labels[j, : len(lab)] = lab
+    if boxes is not None:
+        chunk_boxes = _pad_rows(boxes[start:stop].astype(np.float32), n)
+    if masks is not None:
+        chunk_masks = _pad_rows(masks[start:stop], n)
+    return coords, labels, chunk_boxes, chunk_masks
+
+
+def _upscaling_call(low: Any, tables: Tables, width_window: int, return_logits: bool) -> Tuple[Hashable, tuple, dict]:
+    """The compile key, arguments and keyword arguments of an `_upscale` call on low-res logits
+    `low` (an array or its shape): the call and its compilation ahead share them."""
+    rows, cols = tables
+    key = ("upscale", low.shape, rows[0].shape, cols[0].shape, return_logits, width_window)
+    return key, (low, rows, cols), dict(return_logits=return_logits, width_window=width_window)

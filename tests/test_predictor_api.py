@@ -17,7 +17,9 @@ L = sam_jax.get_config("tiny").mask_input_size  # 40: side of the low-res logits
 
 @pytest.fixture(scope="module")
 def pred(tiny) -> SamPredictor:
-    p = SamPredictor(tiny.model, tiny.params)
+    # Input handling: each call compiles what it runs, nothing ahead for the modes these tests
+    # try once (compiling ahead is tests/test_predictor_buckets.py's subject).
+    p = SamPredictor(tiny.model, tiny.params, compile_ahead=False)
     p.set_image(PHOTO)
     return p
 
@@ -41,7 +43,7 @@ def _assert_same(a, b):
 
 
 def test_state_and_sizes(tiny):
-    p = SamPredictor(tiny.model, tiny.params)
+    p = SamPredictor(tiny.model, tiny.params, compile_ahead=False)
     assert not p.is_image_set and p.original_size is None and p.input_size is None
     p.set_image(PHOTO)
     assert p.is_image_set and p.original_size == (H, W) and p.num_images == 1
@@ -158,6 +160,12 @@ def test_set_images_empty(pred):
 def test_model_must_be_sam(tiny):
     with pytest.raises(TypeError, match="sam_jax.Sam"):
         SamPredictor(tiny.params, tiny.params)
+
+
+@pytest.mark.parametrize("flag", ["yes", 1, None])
+def test_compile_ahead_must_be_a_bool(tiny, flag):
+    with pytest.raises(TypeError, match="compile_ahead must be True or False"):
+        SamPredictor(tiny.model, tiny.params, compile_ahead=flag)
 
 
 def test_predict_before_set_image(tiny):

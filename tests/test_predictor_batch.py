@@ -21,7 +21,7 @@ H, W = PHOTO.shape[:2]
 
 @pytest.fixture(scope="module")
 def pred(tiny) -> SamPredictor:
-    p = SamPredictor(tiny.model, tiny.params)
+    p = SamPredictor(tiny.model, tiny.params, compile_ahead=False)
     p.set_image(PHOTO)
     return p
 
@@ -126,9 +126,9 @@ def test_decode_prompts_inside_user_jit(pred, tiny):
 def test_set_images_equals_one_by_one(tiny):
     rng = np.random.default_rng(4)
     photos = [PHOTO, np.ascontiguousarray(skimage.data.astronaut()[::4, ::5]), PHOTO[:90, :40]]
-    many = SamPredictor(tiny.model, tiny.params)
+    many = SamPredictor(tiny.model, tiny.params, compile_ahead=False)
     many.set_images(photos)
-    one = SamPredictor(tiny.model, tiny.params)
+    one = SamPredictor(tiny.model, tiny.params, compile_ahead=False)
     assert many.num_images == 3 and many.original_sizes == [p.shape[:2] for p in photos]
     for i, photo in enumerate(photos):
         one.set_image(photo)
@@ -143,8 +143,8 @@ def test_set_images_equals_one_by_one(tiny):
 
 def test_no_recompilation(tiny):
     """After warm-up (one call per point bucket: 1, 2..4 and 5..16 points), 1..16 points and an
-    image of another size compile nothing."""
-    p = SamPredictor(tiny.model, tiny.params)
+    image of another size compile nothing (the buckets alone, nothing compiled ahead)."""
+    p = SamPredictor(tiny.model, tiny.params, compile_ahead=False)
     first, second = PHOTO, np.ascontiguousarray(skimage.data.chelsea()[:250, :330])
     # Different sizes and aspect ratios, same output buckets (sides up to 256 and 368).
     assert first.shape[:2] != second.shape[:2]
@@ -164,7 +164,7 @@ def test_no_recompilation(tiny):
 
 
 def test_new_size_bucket_compiles_only_the_upscaling(tiny):
-    p = SamPredictor(tiny.model, tiny.params)
+    p = SamPredictor(tiny.model, tiny.params, compile_ahead=False)
     p.set_image(PHOTO)
     p.predict([[10, 10]], [1])
     big = np.ascontiguousarray(np.tile(PHOTO, (3, 1, 1)))  # 600 x 300: a new height bucket
@@ -186,7 +186,7 @@ def test_new_size_bucket_compiles_only_the_upscaling(tiny):
 
 
 def test_encoder_compiles_once_per_batch_size(tiny):
-    p = SamPredictor(tiny.model, tiny.params)
+    p = SamPredictor(tiny.model, tiny.params, compile_ahead=False)
     p.set_images([PHOTO, PHOTO[:50]])
     with count_compilations() as events:
         p.set_images([PHOTO[:, :70], np.ascontiguousarray(skimage.data.astronaut()[::3, ::3])])
@@ -194,7 +194,7 @@ def test_encoder_compiles_once_per_batch_size(tiny):
 
 
 def test_buckets():
-    assert [F.point_bucket(n) for n in (0, 1, 4, 5, 16, 17, 64, 65, 300)] == [1, 1, 4, 16, 16, 64, 64, 256, 1024]
+    assert [F.point_bucket(n) for n in (0, 1, 4, 5, 16, 17, 64, 65, 300)] == [1, 1, 4, 16, 16, 64, 64, 96, 368]
     assert [F.prompt_bucket(n) for n in (1, 2, 3, 33, 64)] == [1, 2, 4, 64, 64]
     sides = list(range(1, 5000, 7))
     buckets = [F.size_bucket(n) for n in sides]
@@ -315,7 +315,7 @@ def test_predictor_encodes_with_one_jit_without_the_options(tiny, monkeypatch):
     monkeypatch.setattr(backend, "CPU_XLA_OPTIONS", {"xla_sam_jax_no_such_option": ""})
     backend.cpu_compiler_options.cache_clear()
     try:
-        p = SamPredictor(tiny.model, tiny.params)
+        p = SamPredictor(tiny.model, tiny.params, compile_ahead=False)
         p.set_image(PHOTO)
         padded, sizes, _ = F.prepare_images([PHOTO], tiny.model.config.image_size)
         want = jax.jit(F.encode_images, static_argnames=("model",))(tiny.model, tiny.params, padded, sizes)

@@ -35,7 +35,7 @@ def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def fp32_masks(vit_b):
-    p = sam_jax.SamPredictor(vit_b.model, vit_b.params)
+    p = sam_jax.SamPredictor(vit_b.model, vit_b.params, compile_ahead=False)
     out = {}
     for name, photo in PHOTOS.items():
         p.set_image(photo)
@@ -49,7 +49,7 @@ def test_bf16_masks_match_fp32(vit_b, fp32_masks, param_dtype):
     params = vit_b.params
     if param_dtype == "bfloat16":
         params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
-    p = sam_jax.SamPredictor(model, params)
+    p = sam_jax.SamPredictor(model, params, compile_ahead=False)
     ious = []
     photos = PHOTOS if param_dtype == "float32" else {"coffee": PHOTOS["coffee"]}  # CI time
     for name, photo in photos.items():
