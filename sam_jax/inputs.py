@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
+from PIL import Image
 
 from .modeling import PAD_LABEL
 
@@ -25,31 +26,22 @@ def as_rgb_uint8(image: Any, image_format: str = "RGB", name: str = "image") -> 
     Accepts HWC arrays (or nested lists) of uint8 in 0..255 or float in [0, 1]; floats become
     round(x * 255). Other integer types are accepted when their values lie in 0..255. Grayscale
     (H, W) or (H, W, 1) is replicated to three channels, a fourth (alpha) channel is dropped.
-    `image_format` is "RGB" or "BGR" (exactly; case matters).
+    A PIL image is converted by its mode, as `pil_to_rgb_uint8` says (a palette applied, CMYK
+    converted, 16-bit and float pixels scaled).
+    `image_format` is "RGB" or "BGR" (exactly; case matters): the channel order of the pixels.
+    Float images are converted a band of rows at a time, so the conversion needs little more
+    memory than its uint8 result.
     """
     if not isinstance(image_format, str) or image_format not in IMAGE_FORMATS:
         raise ValueError(f"image_format must be 'RGB' or 'BGR' (case matters), got {image_format!r}")
-    if not isinstance(image, np.ndarray):
+    if isinstance(image, Image.Image):
+        image = pil_to_rgb_uint8(image, name)
+    elif not isinstance(image, np.ndarray):
         try:
             image = np.asarray(image)
         except ValueError as e:  # ragged nested lists
             raise ValueError(f"{name} must be an (H, W, 3) array; could not make an array: {e}") from None
-    if image.dtype == np.uint8:
-        pass
-    elif np.issubdtype(image.dtype, np.floating):
-        if image.size and not np.all(np.isfinite(image)):
-            raise ValueError(f"{name} contains NaN or inf")
-        if image.size and (image.min() < 0.0 or image.max() > 1.0):
-            raise ValueError(
-                f"float {name} must lie in [0, 1] (got values in [{image.min():g}, "
-                f"{image.max():g}]); pass uint8 for 0..255 pixels"
-            )
-        image = np.round(image.astype(np.float64) * 255.0).astype(np.uint8)
-    elif np.issubdtype(image.dtype, np.integer):  # e.g. a Python list of ints
-        if image.size and (image.min() < 0 or image.max() > 255):
-            raise ValueError(f"integer {name} must lie in 0..255 (got values in [{image.min()}, {image.max()}])")
-        image = image.astype(np.uint8)
-    else:
+    if not (np.issubdtype(image.dtype, np.floating) or np.issubdtype(image.dtype, np.integer)):
         raise TypeError(f"{name} must be uint8 (0..255) or float (0..1), got dtype {image.dtype}")
     if image.ndim == 2:
         image = image[:, :, None]
@@ -63,12 +55,95 @@ def as_rgb_uint8(image: Any, image_format: str = "RGB", name: str = "image") -> 
         raise ValueError(f"{name} must have 1, 3 or 4 channels (HWC), got shape {image.shape}")
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise ValueError(f"{name} is empty (shape {image.shape})")
+    image = image[:, :, :3]  # a view: alpha is dropped before any pixel is converted
+    if np.issubdtype(image.dtype, np.floating):
+        image = _unit_float_to_uint8(image, name, "pass uint8 for 0..255 pixels")
+    elif image.dtype != np.uint8:  # other integers, e.g. a Python list of ints
+        lo, hi = image.min(), image.max()
+        if lo < 0 or hi > 255:
+            raise ValueError(f"integer {name} must lie in 0..255 (got values in [{lo}, {hi}])")
+        image = image.astype(np.uint8)
     if image.shape[2] == 1:
         image = np.repeat(image, 3, axis=2)
-    image = image[:, :, :3]
     if image_format == "BGR":
         image = image[:, :, ::-1]
     return np.ascontiguousarray(image)
+
+
+# Pillow modes of 8-bit channels that Pillow itself turns into RGB: "P"/"PA" apply their palette,
+# "CMYK", "YCbCr", "LAB" and "HSV" are converted (not reinterpreted), "RGBa"/"La" un-premultiply.
+_PILLOW_CONVERTS = frozenset(
+    {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LAB", "HSV"}
+)
+# 16-bit grayscale; "I" (32-bit integers) is how older Pillow reads 16-bit PNGs.
+_SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+
+def pil_to_rgb_uint8(image: Image.Image, name: str = "image") -> np.ndarray:
+    """A PIL image as uint8 (H, W, 3) RGB: the one place sam_jax turns a PIL image into pixels
+    (`SamPredictor.set_image` and the command line's image reader both come here).
+
+    By mode: 8-bit modes ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "RGBa", "La", "CMYK",
+    "YCbCr", "LAB", "HSV") are converted by Pillow: a palette is applied, CMYK / YCbCr / LAB / HSV
+    become RGB (Pillow's formulas, no colour management), grayscale is replicated, and an alpha
+    channel is dropped (the colour kept, not composited over a background). 16-bit grayscale
+    ("I;16", "I;16B", ...; and "I", in which older Pillow reads 16-bit PNGs) maps 0..65535
+    linearly onto 0..255, round(v / 257); "I" values outside 0..65535 are refused. Float ("F",
+    e.g. a float TIFF) follows the rule of float arrays: values in [0, 1] become round(v * 255);
+    others are refused, since a file does not say what range its floats mean. Any other mode is
+    refused. Raises ValueError naming `name` and the mode.
+    """
+    mode = image.mode
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"{name} is empty ({image.width}x{image.height} pixels, mode {mode!r})")
+    if mode in _PILLOW_CONVERTS:
+        if mode in ("P", "PA"):
+            image = image.convert("RGBA")  # also applies a palette's transparency without a warning
+        elif mode == "La":
+            image = image.convert("LA")  # Pillow has no direct La -> RGB
+        return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+    if mode in _SIXTEEN_BIT:
+        gray = np.asarray(image)
+        lo, hi = gray.min(), gray.max()
+        if lo < 0 or hi > 65535:
+            raise ValueError(
+                f"{name} in Pillow mode {mode!r} is read as 16-bit (0..65535) but holds values in [{lo}, {hi}]"
+            )
+        gray = gray.astype(np.uint32)
+        gray += 128
+        gray //= 257  # round(v / 257): exact in integers, 257 being odd leaves no ties
+        gray = gray.astype(np.uint8)
+    elif mode == "F":
+        gray = _unit_float_to_uint8(np.asarray(image), name, "float pixels are read as 0..1: rescale them first")
+    else:
+        raise ValueError(
+            f"{name} has Pillow mode {mode!r}, which sam_jax does not read; convert it first, e.g. image.convert('RGB')"
+        )
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+# Elements of a float image converted at a time: bounds the float64 scratch (2 MiB) whatever the
+# image's size, where converting it whole took four times the image's own memory.
+_FLOAT_BAND = 1 << 18
+
+
+def _unit_float_to_uint8(image: np.ndarray, name: str, hint: str) -> np.ndarray:
+    """Float pixels in [0, 1] -> uint8 round(x * 255) (half to even, in float64, as numpy rounds),
+    a band of rows at a time. NaN, inf or values outside [0, 1] raise ValueError."""
+    lo, hi = image.min(), image.max()  # NaN propagates through both, inf shows as an extreme
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ValueError(f"{name} contains NaN or inf")
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(f"float {name} must lie in [0, 1] (got values in [{lo:g}, {hi:g}]); {hint}")
+    out = np.empty(image.shape, np.uint8)
+    rows = max(1, _FLOAT_BAND // image[0].size)
+    scratch = np.empty((min(rows, image.shape[0]), *image.shape[1:]), np.float64)
+    for r in range(0, image.shape[0], rows):
+        band = scratch[: min(rows, image.shape[0] - r)]
+        np.multiply(image[r : r + rows], 255.0, out=band, dtype=np.float64)
+        np.rint(band, out=band)
+        out[r : r + rows] = band
+    return out
 
 
 def _float_array(x: Any, name: str) -> np.ndarray:

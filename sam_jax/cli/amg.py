@@ -3,14 +3,23 @@
     sam-jax amg INPUT --weights W.safetensors --out DIR [--output-mode coco_rle|binary_mask]
                 [--points-per-side 32] [--pred-iou-thresh 0.88] ... [--overwrite] [--distributed]
 
-Like the official scripts/amg.py: per image, coco_rle writes DIR/NAME.json (the list of official
-records, segmentations as COCO RLE), binary_mask writes DIR/NAME/{0,1,...}.png plus metadata.csv.
-NAME is the file name without its extension (with it, when two inputs would collide). Every
-output appears atomically (temporary name, then os.replace): an interrupted run leaves no half
-file, and a re-run skips images whose output exists unless --overwrite. An unreadable image is
-reported and skipped; the others continue, and the summary names it (exit status 1).
-Images are spread over the local JAX devices; --distributed calls jax.distributed.initialize()
-and each process takes every process_count-th file (in sorted order). Usage errors: one line on stderr, exit 2.
+As the official scripts/amg.py: per image, coco_rle writes DIR/FILE.json (the list of official
+records, segmentations as COCO RLE), binary_mask writes DIR/FILE/{0,1,...}.png plus metadata.csv.
+FILE is the image's whole file name, extension kept (photo.jpg -> photo.jpg.json), where the
+official script drops it and photo.jpg and photo.png would share one output: names in one folder
+are distinct, so each output belongs to one image whatever else the folder holds and however many
+processes share it. (Outputs named the older way, photo.json, are left as they are: a note
+counts them, and their images are done again under the new name.)
+
+Every output appears atomically (`sam_jax._atomic`: a temporary named after the output, then
+os.replace): an interrupted run leaves no half file, and a re-run skips images whose output exists
+unless --overwrite, after removing the temporaries that a killed run left for these images'
+outputs. An unreadable image is reported and skipped; the others continue, and the summary names it
+(exit status 1); so is an image whose output name is taken by something else (a file where its
+binary_mask folder goes), which is never replaced. Images are spread over the local JAX devices;
+--distributed calls jax.distributed.initialize() and each process takes every process_count-th file
+(in sorted order): it alone writes their outputs and removes their stale temporaries, never another
+process's. Usage errors: one line on stderr, exit 2.
 """
 
 from __future__ import annotations
@@ -25,11 +34,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .._atomic import atomic_file, atomic_folder
+from .._atomic import atomic_file, atomic_folder, remove_stale
 from ..amg import SamAutomaticMaskGenerator
 from ..amg.checks import check_generator_args
 from ..checkpoints import load
-from .common import ImageError, Parser, UsageError, read_image, run_command
+from .common import ImageError, Parser, UsageError, add_weights_argument, read_image, run_command
 
 CSV_HEADER = (
     "id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,predicted_iou,"
@@ -63,13 +72,18 @@ OPTIONS = generator_options()
 def build_parser(prog: str = "sam-jax amg") -> argparse.ArgumentParser:
     p = Parser(prog=prog, description="Automatic mask generation for an image or a folder of images.")
     p.add_argument("input", help="an image, or a folder (every file directly inside it)")
-    p.add_argument("--weights", required=True, help="converted weights (.safetensors) or official .pth")
-    p.add_argument("--out", required=True, help="output folder (created if missing)")
+    add_weights_argument(p)
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output folder (created if missing); each image's output is named after its whole file name: "
+        "photo.jpg -> photo.jpg.json or photo.jpg/",
+    )
     p.add_argument(
         "--output-mode",
         choices=["coco_rle", "binary_mask"],
         default="coco_rle",
-        help="coco_rle: NAME.json per image (needs pycocotools); binary_mask: NAME/*.png + metadata.csv",
+        help="coco_rle: FILE.json per image (needs pycocotools); binary_mask: FILE/*.png + metadata.csv",
     )
     for name, typ, default in OPTIONS:
         p.add_argument(
@@ -110,20 +124,17 @@ def list_inputs(path: str) -> List[str]:
     raise UsageError(f"no such image or folder: {path}")
 
 
-def output_names(files: Sequence[str]) -> Dict[str, str]:
-    """File -> output base name: the stem, or the whole file name where stems collide."""
-    stems: Dict[str, int] = {}
-    for f in files:
-        stem = os.path.splitext(os.path.basename(f))[0]
-        stems[stem] = stems.get(stem, 0) + 1
-    return {
-        f: (
-            os.path.splitext(os.path.basename(f))[0]
-            if stems[os.path.splitext(os.path.basename(f))[0]] == 1
-            else os.path.basename(f)
-        )
-        for f in files
-    }
+def output_path(out: str, image: str, output_mode: str) -> str:
+    """Where `image`'s output goes: OUT/FILE.json (coco_rle) or the folder OUT/FILE (binary_mask),
+    FILE being the image's whole file name. A function of that name alone, so it is the same for
+    any process count and any folder contents, and distinct for the files of one folder."""
+    return os.path.join(out, os.path.basename(image) + (".json" if output_mode == "coco_rle" else ""))
+
+
+def _old_name(out: str, image: str, output_mode: str) -> str:
+    """The output name earlier versions gave most images: the file name without its extension."""
+    stem = os.path.splitext(os.path.basename(image))[0]
+    return output_path(out, stem, output_mode)
 
 
 def write_json(records: List[Dict[str, Any]], path: str) -> None:
@@ -179,6 +190,14 @@ def run(args: argparse.Namespace, prog: str) -> int:
     files = list_inputs(args.input)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out} exists and is not a folder")
+    if args.output_mode == "binary_mask" and os.path.realpath(args.out) == os.path.realpath(
+        os.path.dirname(os.path.abspath(files[0]))
+    ):
+        raise UsageError(
+            f"--out {args.out} is the images' own folder, where binary_mask's output folders (named like the "
+            "images) cannot go: choose another --out"
+        )
+    all_outputs = {output_path(args.out, f, args.output_mode) for f in files}  # every process's, for the note below
 
     import jax
 
@@ -201,14 +220,30 @@ def run(args: argparse.Namespace, prog: str) -> int:
         raise UsageError(str(e)) from None
     os.makedirs(args.out, exist_ok=True)
     gen = SamAutomaticMaskGenerator(model, params, output_mode=args.output_mode, **opts)
-    names = output_names(files)
-    suffix = ".json" if args.output_mode == "coco_rle" else ""
+    targets = {f: output_path(args.out, f, args.output_mode) for f in files}
+    # This process alone writes these outputs: what their writers left when killed is stale.
+    stale = remove_stale(targets.values())
+    if stale:
+        _note(None, f"{prog}: removed {len(stale)} temporaries that an interrupted run left: {', '.join(stale)}")
     todo, skipped, failed, written = [], [], [], 0
     for f in files:
-        if not args.overwrite and os.path.exists(os.path.join(args.out, names[f] + suffix)):
+        target, folder = targets[f], args.output_mode == "binary_mask"
+        if os.path.lexists(target) and os.path.isdir(target) != folder:
+            failed.append((f, f"{target} exists and is not a {'folder' if folder else 'file'}: not replaced"))
+            _note(None, f"{prog}: skipped {f}: {failed[-1][1]}")
+        elif not args.overwrite and os.path.exists(target):
             skipped.append(f)
         else:
             todo.append(f)
+    old = [(f, _old_name(args.out, f, args.output_mode)) for f in todo]
+    old = [(f, o) for f, o in old if o not in all_outputs and os.path.lexists(o)]
+    if old:
+        _note(
+            None,
+            f"{prog}: note: {len(old)} image(s) have an output under the name earlier versions gave it, without the "
+            f"image's extension (e.g. {old[0][1]} for {old[0][0]}): left as it is; the image is done again as "
+            f"{targets[old[0][0]]}",
+        )
     bar = _progress(len(todo), args.no_progress)
     step = len(gen.devices)
     for start in range(0, len(todo), step):
@@ -224,8 +259,7 @@ def run(args: argparse.Namespace, prog: str) -> int:
         if not images:
             continue
         for f, records in _generate(gen, batch, images, failed, bar, prog):
-            target = os.path.join(args.out, names[f] + suffix)
-            (write_json if args.output_mode == "coco_rle" else write_folder)(records, target)
+            (write_json if args.output_mode == "coco_rle" else write_folder)(records, targets[f])
             written += 1
             _advance(bar, f, len(records))
     if bar is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -29,6 +30,17 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         raise UsageError(message)
+
+
+def add_weights_argument(p: argparse.ArgumentParser) -> None:
+    """`--weights`, as every subcommand that runs the model takes it: a name or a path."""
+    p.add_argument(
+        "--weights",
+        required=True,
+        help="vit_b, vit_l, vit_h or a Hugging Face SAM id such as facebook/sam-vit-base (downloaded and "
+        "converted once, then cached: sam-jax weights list), or a path: converted .safetensors, official "
+        ".pth, Hugging Face folder",
+    )
 
 
 def run_command(
@@ -52,13 +64,25 @@ def run_command(
 
 def read_image(path: str) -> np.ndarray:
     """The image as displayed: uint8 (H, W, 3) RGB with its EXIF orientation applied, so that
-    pixel prompts and outputs match what a viewer shows. Raises ImageError (one line) if the file
-    is missing or is not an image Pillow can decode."""
+    pixel prompts and outputs match what a viewer shows. Pixels are converted as
+    `sam_jax.inputs.pil_to_rgb_uint8` says (16-bit and float images scaled, palettes applied, CMYK
+    converted; a float image outside [0, 1] is refused). Raises ImageError (one line) if the file
+    is missing, is not an image Pillow can decode, or cannot be converted.
+
+    Pillow's guard against decompression bombs is kept as Pillow draws it: an image of more than
+    twice `PIL.Image.MAX_IMAGE_PIXELS` (~179 megapixels by default) is refused in one line; one
+    between the limit and twice it is read, without Pillow's warning: such sizes are real photos
+    (100-megapixel cameras exist).
+    """
     from PIL import Image, ImageOps
 
+    from ..inputs import pil_to_rgb_uint8
+
     try:
-        with Image.open(path) as im:
-            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return pil_to_rgb_uint8(ImageOps.exif_transpose(im))
     except FileNotFoundError:
         raise ImageError(f"no such image: {path}") from None
     except Exception as e:  # noqa: BLE001 - Pillow's decoders raise many types (OSError, ValueError, ...)

@@ -9,6 +9,12 @@ join it. Several boxes are several prompts, decoded in one batched call (points 
 Writes DIR/mask_{prompt}_{k}.png (white = mask) for every mask and DIR/overlay.png (the photo with
 each prompt's best mask tinted, the prompts drawn and the scores in the corner); prints the scores,
 or with --json one JSON object. Usage errors: one line on stderr, exit status 2.
+
+A re-run into the same DIR leaves exactly its own outputs: once its files are written, the
+mask_P_K.png files of an earlier run that this one did not rewrite (it had more prompts, or three
+masks where --single writes one) are removed. Nothing else in DIR is touched; a run that fails
+removes nothing. Coordinates may be negative on the command line (`--point -5,3`), to be refused
+as outside the image like any other.
 """
 
 from __future__ import annotations
@@ -16,18 +22,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+import re
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
 from .._atomic import atomic_file
 from ..checkpoints import load
 from ..predictor import SamPredictor
-from .common import Parser, UsageError, read_image, run_command
+from .common import Parser, UsageError, add_weights_argument, read_image, run_command
 
 if TYPE_CHECKING:
     from PIL import Image
 
+# The masks segment writes; a re-run removes the ones of an earlier run that it did not rewrite.
+MASK_FILE = re.compile(r"mask_\d+_\d+\.png")
 PALETTE = [(30, 144, 255), (255, 140, 0), (50, 205, 50), (220, 20, 60), (148, 0, 211), (0, 206, 209)]
 
 
@@ -73,8 +82,12 @@ def check_prompts(
 
 def build_parser(prog: str = "sam-jax segment") -> argparse.ArgumentParser:
     p = Parser(prog=prog, description="Segment an image with point and box prompts.")
+    # argparse takes "-5,3" for an unknown option (its test for negative numbers is "-5" or "-.5"
+    # alone), so `--point -5,3` would end in "expected one argument" instead of the real check: an
+    # argument that starts like a negative number is a value. No option of segment starts so.
+    p._negative_number_matcher = re.compile(r"^-\.?\d")
     p.add_argument("image", help="photo to segment (any format Pillow reads)")
-    p.add_argument("--weights", required=True, help="converted weights (.safetensors) or official .pth")
+    add_weights_argument(p)
     p.add_argument(
         "--point",
         action="append",
@@ -147,8 +160,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         model, params = load(args.weights)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
-    predictor = SamPredictor(model, params)
-    predictor.set_image(image)
+    predictor = SamPredictor(model, params, compile_ahead=False)  # one image, one call: compile what it runs
+    try:
+        predictor.set_image(image)
+    except ValueError as e:  # e.g. an image too elongated for the model's input frame
+        raise UsageError(f"{args.image}: {e}") from None
     coords = np.array([p[:2] for p in args.point]).reshape(-1, 2) if args.point else None
     labels = np.array([p[2] for p in args.point], np.int32) if args.point else None
     multimask = not args.single
@@ -190,7 +206,17 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     report["overlay"] = os.path.join(args.out, "overlay.png")
     with atomic_file(report["overlay"]) as tmp:
         overlay(image, best_masks, best_scores, args.point, args.box).save(tmp, format="PNG")
+    remove_stale_masks(args.out, {os.path.basename(m["file"]) for e in report["prompts"] for m in e["masks"]})
     return report
+
+
+def remove_stale_masks(out: str, written: Set[str]) -> None:
+    """Removes the files in `out` named as segment names its masks (mask_P_K.png) that are not in
+    `written`: an earlier run's, which would otherwise read as this run's."""
+    for name in os.listdir(out):
+        path = os.path.join(out, name)
+        if name not in written and MASK_FILE.fullmatch(name) and os.path.isfile(path) and not os.path.islink(path):
+            os.unlink(path)
 
 
 def command(args: argparse.Namespace, prog: str) -> int:

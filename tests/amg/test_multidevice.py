@@ -133,6 +133,6 @@ def test_cli_two_processes_share_the_files(tiny, tmp_path):
     )
     assert single.returncode == 0, single.stderr[-3000:]
     names = sorted(os.listdir(tmp_path / "single"))
-    assert names == sorted(os.listdir(tmp_path / "multi")) == [f"{i}.json" for i in range(5)]
+    assert names == sorted(os.listdir(tmp_path / "multi")) == [f"{i}.png.json" for i in range(5)]
     for n in names:
         assert (tmp_path / "multi" / n).read_text() == (tmp_path / "single" / n).read_text()

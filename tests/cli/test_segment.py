@@ -48,7 +48,7 @@ def test_points_round_trip(tiny, photo_path, tmp_path):
     assert report["size"] == [H, W] and len(report["prompts"]) == 1
     entry = report["prompts"][0]
     assert entry["points"] == [[100.0, 60.0, 1], [20.0, 130.0, 0]] and entry["box"] is None
-    pred = SamPredictor(tiny.model, tiny.params)
+    pred = SamPredictor(tiny.model, tiny.params, compile_ahead=False)
     pred.set_image(PHOTO)
     masks, scores, _ = pred.predict([[100, 60], [20, 130]], [1, 0])
     logits = pred.predict([[100, 60], [20, 130]], [1, 0], return_logits=True)[0]
@@ -121,6 +121,10 @@ USAGE_ERRORS = {
     "points_with_two_boxes": (["--point", "5,5", "--box", "1,1,9,9", "--box", "2,2,8,8"], "at most one --box"),
     "unknown_flag": (["--point", "5,5", "--colour", "red"], "unrecognized arguments"),
     "missing_out": (["--point", "5,5", "--no-out"], "--out"),
+    # argparse took "-5,3" for an option ("expected one argument"): negative values reach the check.
+    "point_negative": (["--point", "-5,3"], "--point -5,3 is outside the 226x150"),
+    "point_negative_fraction": (["--point", "-.5,3:0"], "--point -0.5,3 is outside"),
+    "box_negative": (["--box", "-5,-3,10,10"], "--box -5,-3,10,10 is outside"),
 }
 
 
@@ -176,3 +180,114 @@ def test_out_is_a_file(tiny, photo_path, tmp_path, capsys):
     f.write_text("")
     assert cli_main(["segment", photo_path, "--weights", tiny.weights, "--point", "1,1", "--out", str(f)]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+# --- files and prompts as users have them (issue 31) ---
+
+GRAY = PHOTO[..., 1]
+
+
+def segment(tiny, image, out, *prompts: str) -> int:
+    return cli_main(["segment", str(image), "--weights", tiny.weights, *prompts, "--out", str(out), "--json"])
+
+
+def one_line_error(capsys, exit_status: int, rc: int) -> str:
+    captured = capsys.readouterr()
+    assert rc == exit_status and captured.out == ""
+    assert captured.err.count("\n") == 1 and captured.err.startswith("sam-jax segment: error: ")
+    return captured.err
+
+
+@pytest.mark.parametrize("kind", ["png_16_bit", "tiff_float"])
+def test_16_bit_and_float_files_segment_the_picture_they_show(kind, tiny, tmp_path, capsys):
+    """Pillow's convert("RGB") clipped these to a white (16-bit) or black (float) picture, exit 0.
+    The overlay shows the picture that was segmented: away from the tinted mask, the drawn point
+    and the scores' box, it is the photo's gray."""
+    if kind == "png_16_bit":
+        path = tmp_path / "scan.png"
+        Image.fromarray(GRAY.astype(np.uint16) * 257).save(path)  # 0..65535: 257 * g shows as g
+    else:
+        path = tmp_path / "scan.tif"
+        Image.fromarray((GRAY / 255.0).astype(np.float32)).save(path)  # 0..1: g / 255 shows as g
+    assert segment(tiny, path, tmp_path / "o", "--point", "100,60") == 0
+    report = json.loads(capsys.readouterr().out)
+    entry = report["prompts"][0]
+    best = np.asarray(Image.open(entry["masks"][entry["best"]]["file"])) > 0
+    plain = ~best
+    plain[:40] = False  # the scores' box
+    plain[50:71, 90:111] = False  # the point
+    assert plain.sum() > H * W // 4
+    overlay = np.asarray(Image.open(report["overlay"]))
+    np.testing.assert_array_equal(overlay[plain], np.repeat(GRAY[plain][:, None], 3, axis=1))
+
+
+def test_float_file_outside_0_1_is_refused(tiny, tmp_path, capsys):
+    path = tmp_path / "depth.tif"
+    Image.fromarray(np.linspace(0, 300, H * W, dtype=np.float32).reshape(H, W)).save(path)
+    err = one_line_error(capsys, 2, segment(tiny, path, tmp_path / "o", "--point", "10,10"))
+    assert f"cannot read image {path}" in err and "[0, 1]" in err and "[0, 300]" in err
+
+
+def test_decompression_bomb_limit(tiny, photo_path, tmp_path, capsys, monkeypatch):
+    """Pillow's limit on pixels (here lowered to fit the photo): above twice it, Pillow refuses and the
+    CLI says so in one line; between once and twice it, Pillow warns and the photo is read, quietly."""
+    from PIL import Image as PILImage
+
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", (H * W) // 2 - 1)  # H * W > twice the limit
+    err = one_line_error(capsys, 2, segment(tiny, photo_path, tmp_path / "o", "--point", "10,10"))
+    assert "decompression bomb" in err and not (tmp_path / "o").exists()
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", H * W - 1)  # over the limit, not twice over
+    assert segment(tiny, photo_path, tmp_path / "o", "--point", "10,10") == 0
+    assert json.loads(capsys.readouterr().out)["size"] == [H, W]
+
+
+def test_rerun_removes_the_masks_of_a_run_with_more_prompts(tiny, photo_path, tmp_path, capsys):
+    """The folder of a two-prompt run (mask_1_*.png beside mask_0_*.png; made by copying, where
+    such a run would compile another decoder program), then a one-prompt run: only its own masks
+    remain, with the user's files."""
+    out = tmp_path / "o"
+    assert segment(tiny, photo_path, out, "--point", "100,60") == 0
+    for k in range(3):
+        shutil.copy(out / f"mask_0_{k}.png", out / f"mask_1_{k}.png")
+    (out / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert segment(tiny, photo_path, out, "--point", "20,130") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert sorted(os.listdir(out)) == ["mask_0_0.png", "mask_0_1.png", "mask_0_2.png", "notes.txt", "overlay.png"]
+    for m in report["prompts"][0]["masks"]:
+        assert int((np.asarray(Image.open(m["file"])) > 0).sum()) == m["area"]  # this run's masks
+
+
+@pytest.mark.full  # ~3 CPU-s: --single compiles its own decoder program
+def test_rerun_leaves_exactly_its_own_outputs(tiny, photo_path, tmp_path, capsys):
+    """Three masks, then one (--single) into the same folder: the first run's other masks are
+    removed, the user's files are not; a run that fails removes nothing."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "mask_best.png").write_bytes(b"mine too")  # not a name segment writes
+    assert segment(tiny, photo_path, out, "--point", "100,60") == 0
+    assert sorted(os.listdir(out))[:3] == ["mask_0_0.png", "mask_0_1.png", "mask_0_2.png"]
+    capsys.readouterr()
+    assert segment(tiny, photo_path, out, "--point", "100,60", "--single") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert sorted(os.listdir(out)) == ["mask_0_0.png", "mask_best.png", "notes.txt", "overlay.png"]
+    assert int((np.asarray(Image.open(out / "mask_0_0.png")) > 0).sum()) == report["prompts"][0]["masks"][0]["area"]
+    one_line_error(capsys, 2, segment(tiny, photo_path, out, "--point", "1000,60"))
+    assert sorted(os.listdir(out)) == ["mask_0_0.png", "mask_best.png", "notes.txt", "overlay.png"]
+    assert (out / "notes.txt").read_text() == "mine" and (out / "mask_best.png").read_bytes() == b"mine too"
+
+
+def test_thin_images(tiny, tmp_path, capsys):
+    """1x2000 shrinks to no row at the tiny model's 160 (a traceback, before): refused in one line;
+    13x2000 shrinks to one row (as 1x2000 does at vit_b's 1024) and is segmented."""
+    thin = tmp_path / "thin.png"
+    Image.fromarray(np.full((1, 2000, 3), 90, np.uint8)).save(thin)
+    err = one_line_error(capsys, 2, segment(tiny, thin, tmp_path / "o", "--point", "1000,0"))
+    assert f"{thin}: an image of 1x2000 is too elongated" in err
+    line = tmp_path / "line.png"
+    Image.fromarray(np.tile(PHOTO[:13, :200], (1, 10, 1))).save(line)
+    assert segment(tiny, line, tmp_path / "o", "--point", "1000,6") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["size"] == [13, 2000]
+    assert np.asarray(Image.open(report["prompts"][0]["masks"][0]["file"])).shape == (13, 2000)
