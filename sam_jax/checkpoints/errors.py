@@ -32,3 +32,10 @@ class ConversionError(ValueError):
         if len(self.problems) > MAX_SHOWN:
             lines.append(f"  ... and {len(self.problems) - MAX_SHOWN} more")
         return "\n".join(lines)
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message cut to its first line (its type's name when it has none): what a
+    one-line error can quote of a library's own message."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

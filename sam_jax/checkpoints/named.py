@@ -36,6 +36,8 @@ import re
 import time
 from typing import Dict, Iterator, List, Optional, Tuple
 
+from .errors import first_line
+
 HOME_ENV = "SAM_JAX_HOME"
 REGISTRY_ENV = "SAM_JAX_REGISTRY"
 TIMEOUT_ENV = "SAM_JAX_TIMEOUT"
@@ -305,15 +307,15 @@ def _download_hub(repo_id: str, timeout: float) -> Tuple[str, str, str]:
             etag_timeout=timeout,
         )
     except (errors.RepositoryNotFoundError, errors.GatedRepoError, errors.HFValidationError) as e:
-        raise ValueError(f"{repo_id}: not a Hugging Face repository this machine can read ({_first_line(e)})") from None
+        raise ValueError(f"{repo_id}: not a Hugging Face repository this machine can read ({first_line(e)})") from None
     except errors.LocalEntryNotFoundError:
         raise DownloadError(
             f"{repo_id}: not in the Hugging Face cache and the Hub cannot be reached (offline or HF_HUB_OFFLINE set)"
         ) from None
     except (errors.HfHubHTTPError, OSError) as e:
-        raise DownloadError(f"{repo_id}: cannot download from the Hugging Face Hub ({_first_line(e)})") from None
+        raise DownloadError(f"{repo_id}: cannot download from the Hugging Face Hub ({first_line(e)})") from None
     except Exception as e:  # noqa: BLE001 - the Hub client's transport raises its own types (httpx, ...)
-        raise DownloadError(f"{repo_id}: cannot download from the Hugging Face Hub ({_first_line(e)})") from None
+        raise DownloadError(f"{repo_id}: cannot download from the Hugging Face Hub ({first_line(e)})") from None
     if not os.path.isfile(os.path.join(folder, "model.safetensors")):
         raise ValueError(
             f"{repo_id}: the repository has no model.safetensors (expected SAM weights in transformers' layout)"
@@ -384,8 +386,3 @@ def _remove(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

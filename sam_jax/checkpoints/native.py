@@ -15,7 +15,7 @@ from .._atomic import atomic_file
 from ..build import Params, build_sam
 from ..config import SamConfig, get_config, preset_name
 from ..modeling import Sam
-from .errors import printable
+from .errors import first_line, printable
 from .params import check_depths, check_flat_params, check_params, flatten_params, unflatten_params
 
 FORMAT = "sam_jax"
@@ -72,7 +72,7 @@ def read(path: str, meta: Dict[str, str]) -> Tuple[Sam, Params]:
     try:
         flat = load_file(path)
     except (SafetensorError, OSError, ValueError, TypeError) as e:  # TypeError: a dtype numpy lacks
-        raise ValueError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+        raise ValueError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
     not_float = sorted(k for k, v in flat.items() if not jnp.issubdtype(v.dtype, jnp.floating))
     if not_float:
         more = f" (and {len(not_float) - 1} more tensors)" if len(not_float) > 1 else ""
@@ -109,7 +109,7 @@ def metadata(path: str) -> Dict[str, str]:
         with safe_open(path, framework="numpy") as f:
             return f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+        raise ValueError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
 
 
 def is_safetensors(path: str | os.PathLike) -> bool:
@@ -121,8 +121,3 @@ def is_safetensors(path: str | os.PathLike) -> bool:
     except OSError:
         return False
     return len(head) == 9 and head[8:] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -15,6 +15,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from ..checkpoints.errors import first_line
+
 
 class UsageError(Exception):
     """Bad command-line input; the message is printed as one line and the exit status is 2."""
@@ -86,10 +88,4 @@ def read_image(path: str) -> np.ndarray:
     except FileNotFoundError:
         raise ImageError(f"no such image: {path}") from None
     except Exception as e:  # noqa: BLE001 - Pillow's decoders raise many types (OSError, ValueError, ...)
-        raise ImageError(f"cannot read image {path}: {_one_line(e)}") from None
-
-
-def _one_line(e: BaseException) -> str:
-    """A decoder's message, at most its first line (or the exception's type when it has none)."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+        raise ImageError(f"cannot read image {path}: {first_line(e)}") from None
