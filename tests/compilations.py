@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import jax
 
@@ -10,14 +11,18 @@ COMPILE_EVENTS = ("/jax/core/compile/backend_compile_duration", "/jax/core/compi
 
 
 @contextlib.contextmanager
-def count_compilations(names=COMPILE_EVENTS):
+def count_compilations(names=COMPILE_EVENTS, this_thread_only: bool = False):
     """Yields a list that collects every event in `names` (by default each trace and XLA
-    compilation) started inside the block."""
-    events = []
+    compilation) started inside the block; with `this_thread_only`, only those of the calling
+    thread (what a caller waits for: the predictor's background compilations are left out), and
+    then the compiled function's name rather than the event's."""
+    me, events = threading.get_ident(), []
 
-    def listener(name, duration, **kwargs):
-        if name in names:
+    def listener(name, duration, fun_name="", **kwargs):
+        if name in names and not this_thread_only:
             events.append(name)
+        elif name in names and threading.get_ident() == me:
+            events.append(fun_name)
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:

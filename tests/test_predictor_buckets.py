@@ -4,7 +4,6 @@ after its first `predict`."""
 
 from __future__ import annotations
 
-import contextlib
 import threading
 
 import jax
@@ -16,27 +15,15 @@ import sam_jax.predictor as predictor_module
 from sam_jax import SamPredictor
 from sam_jax import functional as F
 from sam_jax.predictor import INTERACTIVE_POINTS, _Background, _decode, _lower_in_caller_thread, _pad_prompts
-from tests.compilations import COMPILE_EVENTS
+from tests.compilations import COMPILE_EVENTS, count_compilations
 
 PHOTO = np.ascontiguousarray(skimage.data.coffee()[::2, ::2])  # 200 x 300: output buckets (256, 368)
 OTHER = np.ascontiguousarray(skimage.data.chelsea())  # 300 x 451: output buckets (368, 512)
 
 
-@contextlib.contextmanager
 def compiled_in_this_thread():
-    """Yields a list of the functions XLA compiles in the calling thread inside the block: what a
-    caller waits for. The predictor's background compilations are not in it."""
-    me, compiled = threading.get_ident(), []
-
-    def listener(name, duration, fun_name="", **kwargs):
-        if name == COMPILE_EVENTS[0] and threading.get_ident() == me:
-            compiled.append(fun_name)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield compiled
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+    """The functions XLA compiles in the calling thread inside the block: what a caller waits for."""
+    return count_compilations(COMPILE_EVENTS[:1], this_thread_only=True)
 
 
 def clicks(rng, image, with_box):
