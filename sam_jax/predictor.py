@@ -283,11 +283,15 @@ class SamPredictor:
             )
         self._images = tuple(records)
 
-    def _compile_ahead(self, upscaling: Sequence[Tuple[Tables, int]]) -> None:
-        """Queues the programs the next clicks need (see the class docstring)."""
-        for mode in self._modes:
-            self._upscaling_ahead(mode, upscaling)
-            self._decoders_ahead(mode)
+    def _compile_ahead(
+        self, upscaling: Sequence[Tuple[Tables, int]], modes: Sequence[Mode] = (), box_first: bool = False
+    ) -> None:
+        """Queues the programs the next clicks need in MODES (default: every mode seen so far) for
+        images of these (tables, width window) (see the class docstring)."""
+        lower_here = _lower_in_caller_thread()
+        for mode in modes or list(self._modes):
+            self._decoders_ahead(mode, lower_here, box_first)
+            self._upscaling_ahead(mode, upscaling, lower_here)
 
     def _upscaling(self, input_size: Sequence[int], original_size: Sequence[int]) -> Tuple[Tables, int]:
         """An image's mask upscaling: its tables (device arrays) and their static width window."""
@@ -405,8 +409,7 @@ class SamPredictor:
         out = self._run(i, points, boxes, masks, *mode[1:])
         if self.compile_ahead and mode not in self._modes:  # this call's neighbours, for the next clicks
             self._modes[mode] = None
-            self._decoders_ahead(mode, box_first=box is not None)
-            self._upscaling_ahead(mode, [(r.tables, r.width_window) for r in self._images])
+            self._compile_ahead([(r.tables, r.width_window) for r in self._images], [mode], box_first=box is not None)
         return out[0][0], out[1][0], out[2][0]
 
     def predict_batch(
@@ -518,12 +521,11 @@ class SamPredictor:
 
     # --- compiling ahead ---
 
-    def _decoders_ahead(self, mode: Mode, box_first: bool = False) -> None:
+    def _decoders_ahead(self, mode: Mode, lower_here: bool, box_first: bool = False) -> None:
         """Submits to the background thread the decoder programs `predict` in this mode needs
         next: each point bucket of 0 to INTERACTIVE_POINTS points, without and with a box (or the
         other way round). Each once per predictor; one compiled already is found in jax's cache."""
         with_mask, multimask, _ = mode
-        lower_here = _lower_in_caller_thread()
         s = self.low_res_size
         masks = np.zeros((1, s, s), np.float32) if with_mask else None
         for box in (box_first, not box_first):
@@ -535,11 +537,10 @@ class SamPredictor:
                 prompts = _pad_prompts(points, boxes, masks, 0, 1, n_slots)
                 self._submit(_decode, *self._decoding(*self._image_avals(), prompts, multimask), lower_here)
 
-    def _upscaling_ahead(self, mode: Mode, upscaling: Sequence[Tuple[Tables, int]]) -> None:
+    def _upscaling_ahead(self, mode: Mode, upscaling: Sequence[Tuple[Tables, int]], lower_here: bool) -> None:
         """Submits to the background thread the mask upscaling `predict` in this mode needs for
         images of these (tables, width window) (one program per output size bucket)."""
         _, multimask, return_logits = mode
-        lower_here = _lower_in_caller_thread()
         m = self.model.config.num_multimask_outputs if multimask else 1
         low = jax.ShapeDtypeStruct((1, m, self.low_res_size, self.low_res_size), jnp.float32)
         for tables, width_window in upscaling:

@@ -312,9 +312,7 @@ def _download_hub(repo_id: str, timeout: float) -> Tuple[str, str, str]:
         raise DownloadError(
             f"{repo_id}: not in the Hugging Face cache and the Hub cannot be reached (offline or HF_HUB_OFFLINE set)"
         ) from None
-    except (errors.HfHubHTTPError, OSError) as e:
-        raise DownloadError(f"{repo_id}: cannot download from the Hugging Face Hub ({first_line(e)})") from None
-    except Exception as e:  # noqa: BLE001 - the Hub client's transport raises its own types (httpx, ...)
+    except Exception as e:  # noqa: BLE001 - HfHubHTTPError, OSError, and the transport's own (httpx, ...)
         raise DownloadError(f"{repo_id}: cannot download from the Hugging Face Hub ({first_line(e)})") from None
     if not os.path.isfile(os.path.join(folder, "model.safetensors")):
         raise ValueError(

@@ -65,6 +65,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def amg_two_processes(args, n_devices: int, timeout: float) -> list:
+    """`sam-jax amg ARGS --distributed` as processes 0 and 1 of one job on this machine, each with
+    N_DEVICES host devices; asserts both succeed and returns their (stdout, stderr)."""
+    port = _free_port()
+    distributed = ["--distributed", "--coordinator-address", f"localhost:{port}", "--num-processes", "2"]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "sam_jax.cli", "amg", *args, *distributed, "--process-id", str(i)],
+            env=_env(n_devices),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    for p, (_, stderr) in zip(procs, outs):
+        assert p.returncode == 0, stderr[-3000:]
+    return outs
+
+
 @pytest.mark.full  # fresh JAX processes, each compiling the pipeline (~40 CPU-s)
 def test_cli_two_processes_share_the_files(tiny, tmp_path):
     pytest.importorskip("pycocotools")
@@ -92,36 +113,7 @@ def test_cli_two_processes_share_the_files(tiny, tmp_path):
         "1",
         "--no-progress",
     ]
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "sam_jax.cli",
-                "amg",
-                str(src),
-                "--out",
-                str(tmp_path / "multi"),
-                *flags,
-                "--distributed",
-                "--coordinator-address",
-                f"localhost:{port}",
-                "--num-processes",
-                "2",
-                "--process-id",
-                str(i),
-            ],
-            env=_env(2),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outs = [p.communicate(timeout=1200) for p in procs]
-    for p, (stdout, stderr) in zip(procs, outs):
-        assert p.returncode == 0, stderr[-3000:]
+    outs = amg_two_processes([str(src), "--out", str(tmp_path / "multi"), *flags], n_devices=2, timeout=1200)
     assert "3 written" in outs[0][0] and "process 0 of 2" in outs[0][0]  # files 0, 2, 4
     assert "2 written" in outs[1][0] and "process 1 of 2" in outs[1][0]  # files 1, 3
     single = subprocess.run(

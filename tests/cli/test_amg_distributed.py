@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import skimage.data
 from PIL import Image
 
-from tests.amg.test_multidevice import _env, _free_port
+from tests.amg.test_multidevice import amg_two_processes
 
 pytest.importorskip("pycocotools")  # the default output mode
 
@@ -33,22 +31,7 @@ def _photos(folder, sizes):
 
 def _amg_two_processes(src, out, weights):
     """Both processes' summary lines (process 0's first)."""
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "sam_jax.cli", "amg", str(src), "--out", str(out), "--weights", weights, *FLAGS]
-            + ["--distributed", "--coordinator-address", f"localhost:{port}", "--num-processes", "2"]
-            + ["--process-id", str(i)],
-            env=_env(1),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, stderr) in zip(procs, outs):
-        assert p.returncode == 0, stderr[-3000:]
+    outs = amg_two_processes([str(src), "--out", str(out), "--weights", weights, *FLAGS], n_devices=1, timeout=600)
     return [stdout.strip().splitlines()[-1] for stdout, _ in outs]
 
 
