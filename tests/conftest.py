@@ -10,6 +10,7 @@ only by the fixtures that build the official reference, so the suite collects wi
 from __future__ import annotations
 
 import dataclasses
+import gc
 from typing import TYPE_CHECKING
 
 import jax
@@ -78,6 +79,33 @@ def vit_h(tmp_path_factory) -> Reference:
 def _highest_precision():
     with jax.default_matmul_precision("highest"):
         yield
+
+
+def _memory_mappings() -> tuple:
+    """(mappings this process holds, the kernel's limit per process), or (0, 0) where /proc cannot
+    tell (not Linux)."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read())
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f), limit
+    except (OSError, ValueError):
+        return 0, 0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _bounded_memory_mappings():
+    """XLA:CPU maps the code and the constants of each compiled kernel into pages of their own
+    (about two mappings per kernel, freed with the executable). The whole suite compiles enough
+    programs in one process to pass Linux's default limit of 65,530 mappings per process
+    (vm.max_map_count), where the next compile crashes inside XLA (SIGSEGV or SIGABRT). After a
+    module that leaves the process above half the limit, JAX's caches are dropped (the modules
+    after it recompile what they use); below it they are kept, which saves the recompiles."""
+    yield
+    count, limit = _memory_mappings()
+    if limit and count > limit // 2:
+        jax.clear_caches()
+        gc.collect()
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` selects on the marks
