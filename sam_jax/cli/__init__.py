@@ -1,5 +1,5 @@
 """`sam-jax` command line: `sam-jax segment ...`, `sam-jax amg ...`, `sam-jax convert ...`,
-`sam-jax weights ...`.
+`sam-jax weights ...`, `sam-jax demo ...`.
 
 One module per subcommand, each with `build_parser(prog)` and `main(argv, prog) -> exit status`;
 `common` holds what they share (parser, one-line errors, image reader).
@@ -10,10 +10,16 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
-from . import amg, convert, segment, weights
+from . import amg, convert, demo, segment, weights
 
-COMMANDS = {"convert": convert.main, "segment": segment.main, "amg": amg.main, "weights": weights.main}
-USAGE = "usage: sam-jax {convert,segment,amg,weights} ...  (sam-jax COMMAND --help for details)"
+COMMANDS = {
+    "convert": convert.main,
+    "segment": segment.main,
+    "amg": amg.main,
+    "weights": weights.main,
+    "demo": demo.main,
+}
+USAGE = "usage: sam-jax {convert,segment,amg,weights,demo} ...  (sam-jax COMMAND --help for details)"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -34,14 +34,16 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def add_weights_argument(p: argparse.ArgumentParser) -> None:
-    """`--weights`, as every subcommand that runs the model takes it: a name or a path."""
+def add_weights_argument(p: argparse.ArgumentParser, default: Optional[str] = None) -> None:
+    """`--weights`, as every subcommand that runs the model takes it: a name or a path; required
+    unless the subcommand gives a default."""
     p.add_argument(
         "--weights",
-        required=True,
+        required=default is None,
+        default=default,
         help="vit_b, vit_l, vit_h or a Hugging Face SAM id such as facebook/sam-vit-base (downloaded and "
         "converted once, then cached: sam-jax weights list), or a path: converted .safetensors, official "
-        ".pth, Hugging Face folder",
+        ".pth, Hugging Face folder" + (f" (default {default})" if default else ""),
     )
 
 
