@@ -43,6 +43,7 @@ REGISTRY_ENV = "SAM_JAX_REGISTRY"
 TIMEOUT_ENV = "SAM_JAX_TIMEOUT"
 DEFAULT_TIMEOUT = 60.0
 RETRIES = 2  # after the first try: a dropped connection or a truncated body is tried again
+RETRY_WAIT_S = 1.0  # before try k + 1 (k = 1, 2): k times this
 LOCK_TIMEOUT = 3600.0  # seconds a process waits for another one fetching the same name
 
 # Hugging Face repository ids: "org/name", letters, digits and -_. (the Hub forbids "--" and "..").
@@ -235,7 +236,7 @@ def _download_registered(name: str, entry: Weights, progress: bool, timeout: flo
                 and e.response.status_code >= 500
             )
             if transient and attempt < RETRIES:
-                time.sleep(attempt + 1)
+                time.sleep(RETRY_WAIT_S * (attempt + 1))
                 continue
             raise _download_error(name, entry, where, timeout, e, attempt + 1) from None
         finally:

@@ -101,6 +101,7 @@ def photo(tmp_path_factory) -> str:
     return path
 
 
+@pytest.mark.full  # ~6 s with the browser's start: the daily tier checks the same endpoints in-process
 def test_page_prompts(tiny, browser, page, photo):
     with serve(create_app(tiny.model, tiny.params, cache_size=1, name="tiny")) as url:
         photo_only, at = open_page(page, url, photo)
