@@ -1,6 +1,7 @@
 """`sam-jax demo`: a click-to-segment page for a model, served on this machine.
 
     sam-jax demo [--weights NAME_OR_PATH] [--port 8000] [--host 127.0.0.1] [--cache 3]
+                 [--dtype float32|bfloat16]
 
 Prints one line with the address once it listens, then serves until Ctrl+C (exit status 0). It
 listens on 127.0.0.1 only unless --host says otherwise; any other host (0.0.0.0: every interface)
@@ -37,6 +38,12 @@ def build_parser(prog: str = "sam-jax demo") -> argparse.ArgumentParser:
     p.add_argument(
         "--cache", type=int, default=3, metavar="N", help="images whose embeddings are kept (default 3; oldest dropped)"
     )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="compute dtype of the model (default float32; bfloat16: the parameters stay as loaded)",
+    )
     return p
 
 
@@ -62,6 +69,10 @@ def run(args: argparse.Namespace, prog: str) -> int:
             model, params = load(args.weights)
         except (FileNotFoundError, ValueError) as e:
             raise UsageError(str(e)) from None
+        if args.dtype != "float32":
+            import jax.numpy as jnp
+
+            model = model.clone(dtype=jnp.dtype(args.dtype))
         app = create_app(model, params, cache_size=args.cache, name=args.weights)
         server = serving.server(app)
         sock.listen()

@@ -316,3 +316,28 @@ def test_worker_ends_with_the_app(tiny):
     while workers() > before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert workers() == before
+
+
+@pytest.mark.full  # ~10 s: the decoder and the encoder compiled again in bfloat16
+def test_bfloat16_model(tiny):
+    """`sam-jax demo --dtype bfloat16` serves `model.clone(dtype=bfloat16)`: the masks a
+    bfloat16 SamPredictor gives, and segment everything runs."""
+    import jax.numpy as jnp
+
+    model = tiny.model.clone(dtype=jnp.bfloat16)
+
+    def make():
+        p = SamPredictor(model, tiny.params, compile_ahead=False)
+        p.set_image(PHOTO)
+        return p
+
+    reference = in_fresh_thread(make)
+    with TestClient(create_app(model, tiny.params)) as c:
+        image_id = c.post("/api/image", content=PHOTO_PNG).json()["id"]
+        r = c.post("/api/predict", json={"id": image_id, "points": POINTS})
+        assert r.status_code == 200, r.text
+        coords, labels = np.array([p[:2] for p in POINTS], np.float64), np.array([p[2] for p in POINTS])
+        masks, scores, _ = in_fresh_thread(lambda: reference.predict(coords, labels))
+        np.testing.assert_array_equal(masks_of(r.json()), masks)
+        r = c.post("/api/everything", json={"id": image_id, "points_per_side": 4, "pred_iou_thresh": 0.0})
+        assert r.status_code == 200, r.text

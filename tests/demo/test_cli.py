@@ -31,6 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
         (["--port", "http"], "argument --port: invalid int value: 'http'"),
         (["--cache", "0"], "--cache 0: keep at least one image"),
         (["--host", "no such host"], "--host no such host: not an address of this machine"),
+        (["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
     ],
 )
 def test_usage_errors(capsys, args, message):
