@@ -9,6 +9,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -53,6 +55,7 @@ def test_full_size_parameters_are_classified(request):
             assert item.originalname in SHAPES_ONLY, f"{item.nodeid}: mark it full, or add it to SHAPES_ONLY"
 
 
+@pytest.mark.full  # ~6 s: a fresh interpreter collecting the suite
 def test_collects_without_torch():
     """conftest, and every test module that does not import torch, the official model or the
     reference helpers, collect in an interpreter where importing torch fails."""

@@ -143,6 +143,7 @@ def test_everything_equals_generator(client, uploaded, reference, tiny):
     np.testing.assert_array_equal(values, want)
 
 
+@pytest.mark.full  # ~5 s: six uploads to two fresh apps
 def test_held_images_are_an_lru(tiny):
     """cache_size=2: a third image drops the least recently used one, whose id then answers 404."""
     with TestClient(create_app(tiny.model, tiny.params, cache_size=2)) as c:

@@ -58,6 +58,7 @@ def _parity(cfg: dict, seed: int, batch: int) -> None:
     assert err <= EMBED_TOL, err
 
 
+@pytest.mark.full  # ~5 s of compiling; the daily tier keeps the depthwise conv and bias table checks
 def test_tiny_parity():
     _parity(TINY, seed=0, batch=1)
 
