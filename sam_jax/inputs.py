@@ -8,10 +8,11 @@ Python lists are accepted wherever arrays are.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Tuple
+import warnings
+from typing import Any, BinaryIO, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .modeling import PAD_LABEL
 
@@ -77,6 +78,22 @@ _PILLOW_CONVERTS = frozenset(
 )
 # 16-bit grayscale; "I" (32-bit integers) is how older Pillow reads 16-bit PNGs.
 _SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+
+def open_displayed(source: Union[str, BinaryIO], check_size: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
+    """An image file (a path or a binary stream) as displayed: uint8 (H, W, 3) RGB with its EXIF
+    orientation applied, the pixels converted by `pil_to_rgb_uint8`. `check_size(width, height)`
+    runs on the header's size before anything is decoded (it raises to refuse). Pillow's guard
+    against decompression bombs stays as Pillow draws it: more than twice
+    `PIL.Image.MAX_IMAGE_PIXELS` raises `DecompressionBombError`; between the limit and twice it
+    the image is read, without Pillow's warning (100-megapixel photos are real). Pillow's own
+    errors pass through."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(source) as im:
+            if check_size is not None:
+                check_size(*im.size)
+            return pil_to_rgb_uint8(ImageOps.exif_transpose(im))
 
 
 def pil_to_rgb_uint8(image: Image.Image, name: str = "image") -> np.ndarray:

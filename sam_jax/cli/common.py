@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -78,15 +77,10 @@ def read_image(path: str) -> np.ndarray:
     between the limit and twice it is read, without Pillow's warning: such sizes are real photos
     (100-megapixel cameras exist).
     """
-    from PIL import Image, ImageOps
-
-    from ..inputs import pil_to_rgb_uint8
+    from ..inputs import open_displayed
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                return pil_to_rgb_uint8(ImageOps.exif_transpose(im))
+        return open_displayed(path)
     except FileNotFoundError:
         raise ImageError(f"no such image: {path}") from None
     except Exception as e:  # noqa: BLE001 - Pillow's decoders raise many types (OSError, ValueError, ...)

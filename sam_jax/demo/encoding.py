@@ -14,13 +14,12 @@ from __future__ import annotations
 import base64
 import colorsys
 import io
-import warnings
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
 from ..checkpoints.errors import first_line
-from ..inputs import pil_to_rgb_uint8
+from ..inputs import open_displayed
 from ..rle import coco_encode_rle, mask_to_rle
 from .errors import DemoError
 
@@ -34,21 +33,18 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     twice `PIL.Image.MAX_IMAGE_PIXELS`); 400 for bytes that are not an image Pillow reads, a
     truncated or corrupt file, or pixels that cannot be converted.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
+
+    def check_size(w: int, h: int) -> None:
+        if w * h > max_pixels:
+            raise DemoError(
+                f"the image is {w}x{h} pixels ({w * h / 1e6:.1f} megapixels); this server takes at most "
+                f"{max_pixels / 1e6:g} megapixels: make it smaller first",
+                status=413,
+            )
 
     try:
-        with warnings.catch_warnings():
-            # Sizes between Pillow's limit and twice it are refused here by `max_pixels` or read.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                w, h = im.size
-                if w * h > max_pixels:
-                    raise DemoError(
-                        f"the image is {w}x{h} pixels ({w * h / 1e6:.1f} megapixels); this server takes at most "
-                        f"{max_pixels / 1e6:g} megapixels: make it smaller first",
-                        status=413,
-                    )
-                return pil_to_rgb_uint8(ImageOps.exif_transpose(im))
+        return open_displayed(io.BytesIO(data), check_size)
     except DemoError:
         raise
     except Image.DecompressionBombError as e:
