@@ -136,7 +136,7 @@ def _encoder_row(ctx: Context, name: str, dtype: Any, batch: int = 1, attention_
 
     encode = (
         (lambda p, x: backend.encode_staged(model, p, x))
-        if backend.staging_pays()
+        if backend.staging_pays(model.config)
         else jax.jit(lambda p, x: model.apply({"params": p}, x, method=sam_jax.Sam.encode_image))
     )
     return Row(name, ctx.sync(official), lambda: jax.block_until_ready(encode(ctx.ours.params, x)))

@@ -1,4 +1,5 @@
-"""Model configurations: the official presets and a tiny one for tests."""
+"""Model configurations: the official presets (SAM's vit_b / vit_l / vit_h, MobileSAM) and tiny ones
+for tests."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from typing import Any, Dict, Iterable, List, Mapping, Tuple, Union
 # Pixel statistics of the official model (RGB, 0..255). The one place they live.
 PIXEL_MEAN: Tuple[float, float, float] = (123.675, 116.28, 103.53)
 PIXEL_STD: Tuple[float, float, float] = (58.395, 57.12, 57.375)
+
+# Image encoder families (`SamConfig.encoder_type`): SAM's ViT and MobileSAM's TinyViT.
+ENCODER_TYPES = ("vit", "tiny_vit")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +38,15 @@ class SamConfig:
       num_multimask_outputs (int): masks predicted when disambiguating (3).
       iou_head_depth (int): layers of the IoU prediction MLP.
       iou_head_hidden_dim (int): hidden width of the IoU prediction MLP.
+      encoder_type (str): the image encoder's family: "vit" (SAM's ViT, the `encoder_*`,
+        `patch_size`, `window_size` and `mlp_ratio` fields) or "tiny_vit" (MobileSAM's TinyViT,
+        the `tiny_vit_*` fields and `mlp_ratio`; its grid is image_size / 16, so patch_size must
+        be 16). The other family's fields are not read (they keep their defaults).
+      tiny_vit_embed_dims, tiny_vit_depths, tiny_vit_num_heads, tiny_vit_window_sizes (tuple[int,
+        ...]): TinyViT's four stages (width, blocks, heads, attention window); stage 0 is
+        convolutional (its heads and window are unused, as in MobileSAM). A merge into a width of
+        `modeling.tiny_vit.MERGE_STRIDE_1_DIMS` keeps the grid, any other halves it; the encoder
+        checks that the result is image_size / 16.
     """
 
     encoder_embed_dim: int = 1280
@@ -52,6 +65,11 @@ class SamConfig:
     num_multimask_outputs: int = 3
     iou_head_depth: int = 3
     iou_head_hidden_dim: int = 256
+    encoder_type: str = "vit"
+    tiny_vit_embed_dims: Tuple[int, ...] = (64, 128, 160, 320)
+    tiny_vit_depths: Tuple[int, ...] = (2, 2, 6, 2)
+    tiny_vit_num_heads: Tuple[int, ...] = (2, 4, 5, 10)
+    tiny_vit_window_sizes: Tuple[int, ...] = (7, 7, 14, 7)
 
     def __post_init__(self) -> None:
         problems = self._normalise_fields()
@@ -68,8 +86,23 @@ class SamConfig:
                 problems.append("prompt_embed_dim // 2 must be divisible by decoder_num_heads")
             if self.prompt_embed_dim % 8 or self.mask_in_chans % 4:
                 problems.append("prompt_embed_dim must be a multiple of 8 and mask_in_chans of 4")
+            if self.encoder_type == "tiny_vit":
+                problems += self._tiny_vit_problems()
         if problems:
             raise ValueError("invalid SamConfig: " + "; ".join(problems))
+
+    def _tiny_vit_problems(self) -> List[str]:
+        problems = []
+        if self.patch_size != 16:
+            problems.append(f"a tiny_vit encoder reduces the image 16x: patch_size must be 16, got {self.patch_size}")
+        stages = [self.tiny_vit_embed_dims, self.tiny_vit_depths, self.tiny_vit_num_heads, self.tiny_vit_window_sizes]
+        if len({len(t) for t in stages}) != 1:
+            problems.append("tiny_vit_embed_dims, _depths, _num_heads and _window_sizes need one entry per stage")
+        elif any(d % h for d, h in zip(self.tiny_vit_embed_dims[1:], self.tiny_vit_num_heads[1:])):
+            problems.append(
+                "each tiny_vit_embed_dims entry (after stage 0) must be divisible by its tiny_vit_num_heads"
+            )
+        return problems
 
     def _normalise_fields(self) -> List[str]:
         """Checks each field's type and sign, and stores it as the plain Python type (an int, a
@@ -79,12 +112,21 @@ class SamConfig:
         problems = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "encoder_global_attn_indexes":
+            if f.name == "encoder_global_attn_indexes" or f.name.startswith("tiny_vit_"):
+                # Block indexes and stage depths may be 0; the other stage fields are sizes.
+                least = 0 if f.name in ("encoder_global_attn_indexes", "tiny_vit_depths") else 1
                 ok = isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping))
                 items = tuple(value) if ok else ()
-                ok = ok and all(_is_int(i) for i in items)
+                ok = ok and all(_is_int(i) and i >= least for i in items)
+                ok = ok and (bool(items) or f.name == "encoder_global_attn_indexes")
                 normal: Any = tuple(int(i) for i in items)
-                expected = "a list of block indexes"
+                expected = {
+                    "encoder_global_attn_indexes": "a list of block indexes",
+                    "tiny_vit_depths": "a non-empty list of block counts (0 or more)",
+                }.get(f.name, "a non-empty list of positive integers")
+            elif f.name == "encoder_type":
+                ok = value in ENCODER_TYPES
+                normal, expected = value, f"one of {ENCODER_TYPES}"
             elif f.name == "mlp_ratio":
                 ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
                 ok = ok and value > 0
@@ -110,8 +152,7 @@ class SamConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["encoder_global_attn_indexes"] = list(self.encoder_global_attn_indexes)
-        return d
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -164,8 +205,27 @@ PRESETS: Dict[str, SamConfig] = {
         decoder_mlp_dim=40,
         iou_head_hidden_dim=24,
     ),
+    # MobileSAM: TinyViT (~5.7 M parameters, distilled from vit_h's encoder) with SAM's own prompt
+    # encoder and mask decoder; MobileSAM's registry calls it "vit_t".
+    "mobile_sam": SamConfig(encoder_type="tiny_vit"),
+    # MobileSAM's layout with narrow stages and a narrow decoder MLP: 1024 pixels and a 256-wide
+    # neck, as MobileSAM's reference TinyViT has no other; one block a stage (the last, 320 wide,
+    # keeps the 64 x 64 grid), windows that pad the grids differently. Stage 0's heads and window
+    # are MobileSAM's (unused, and what the converter assumes: no tensor records them).
+    "tiny_mobile_sam": SamConfig(
+        encoder_type="tiny_vit",
+        tiny_vit_embed_dims=(8, 16, 24, 320),
+        tiny_vit_depths=(1, 1, 1, 1),
+        tiny_vit_num_heads=(2, 2, 3, 5),
+        tiny_vit_window_sizes=(7, 6, 9, 7),
+        mask_in_chans=8,
+        decoder_mlp_dim=40,
+        iou_head_hidden_dim=24,
+    ),
 }
-PRESETS["default"] = PRESETS["vit_h"]
+# Other names of the same models: they are never what `preset_name` answers.
+ALIASES = {"default": "vit_h", "vit_t": "mobile_sam"}
+PRESETS.update({alias: PRESETS[name] for alias, name in ALIASES.items()})
 
 ConfigLike = Union[str, SamConfig]
 
@@ -184,6 +244,6 @@ def get_config(config: ConfigLike) -> SamConfig:
 def preset_name(config: SamConfig) -> str | None:
     """The preset name equal to `config` (vit_h rather than its alias 'default'), or None."""
     for name, preset in PRESETS.items():
-        if name != "default" and preset == config:
+        if name not in ALIASES and preset == config:
             return name
     return None

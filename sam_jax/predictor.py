@@ -61,7 +61,7 @@ def _encode(model: Sam, params: Params, images: np.ndarray, sizes: np.ndarray) -
     """`encode_images`, run as `backend` says this backend runs it fastest (on XLA:CPU the chain
     of `backend.encode_staged`, elsewhere one jit) -> one (1, h, w, C) embedding per image: the
     decoder then sees one shape whatever the batch was."""
-    if backend.staging_pays():
+    if backend.staging_pays(model.config):
         emb = backend.encode_staged(model, params, _preprocess(images, sizes))
     else:
         emb = _encode_images(model, params, images, sizes)

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import torch
 
 # Requesting one of these fixtures (directly or through another fixture) marks a test `full`.
-FULL_SIZE_FIXTURES = frozenset({"vit_b", "vit_l", "vit_h"})
+FULL_SIZE_FIXTURES = frozenset({"vit_b", "vit_l", "vit_h", "mobile_sam"})
 
 
 @dataclasses.dataclass
@@ -47,8 +47,8 @@ def _make_reference(tmp_path_factory, name: str, seed: int) -> Reference:
     pth = str(d / f"sam_{name}.pth")
     torch.save(tm.state_dict(), pth)
     out = str(d / f"sam_{name}.safetensors")
-    # The real converter, through its command-line entry point. Tiny is not a preset the official
-    # registry knows, so it goes through shape detection ("auto").
+    # The real converter, through its command-line entry point, detecting the model from the
+    # keys and shapes ("auto"; tiny is not a preset the official registry knows).
     assert convert_main([pth, out]) == 0
     model, params = sam_jax.load(out)
     return Reference(name, tm, pth, out, model, params)
@@ -62,6 +62,11 @@ def tiny(tmp_path_factory) -> Reference:
 @pytest.fixture(scope="session")
 def vit_b(tmp_path_factory) -> Reference:
     return _make_reference(tmp_path_factory, "vit_b", seed=1)
+
+
+@pytest.fixture(scope="session")
+def mobile_sam(tmp_path_factory) -> Reference:
+    return _make_reference(tmp_path_factory, "mobile_sam", seed=4)
 
 
 # Module scope: built for one parity run each, then freed (vit_h needs ~10 GB of memory).

@@ -11,15 +11,31 @@ import torch
 import sam_jax
 from tests.reference import official_sam
 
-# Values in the official state_dict (parameters plus the saved gaussian PE buffer).
+# Values in the official state_dict (parameters plus the saved gaussian PE buffer; for MobileSAM
+# also the BatchNorm statistics), less what is not a parameter here (NOT_PARAMETERS).
 PINNED_COUNTS = {
     "vit_b": 93_735_728,
     "vit_l": 312_343_088,
     "vit_h": 641_090_864,
     "default": 641_090_864,
     "tiny": 227_604,
+    "mobile_sam": 9_818_564,
+    "vit_t": 9_818_564,
+    "tiny_mobile_sam": 3_918_574,
 }
-PINNED_TENSORS = {"vit_b": 314, "vit_l": 482, "vit_h": 594, "default": 594, "tiny": 188}
+PINNED_TENSORS = {
+    "vit_b": 314,
+    "vit_l": 482,
+    "vit_h": 594,
+    "default": 594,
+    "tiny": 188,
+    "mobile_sam": 408,
+    "vit_t": 408,
+    "tiny_mobile_sam": 267,
+}
+# MobileSAM's state_dict beside its parameters: 31 BatchNorm counters and the unused classifier
+# (LayerNorm and Linear(320, 1000)): 439 tensors, 10,140,231 values for mobile_sam.
+NOT_PARAMETERS = ("image_encoder.head.", "image_encoder.norm_head.")
 
 
 def test_every_preset_is_pinned():
@@ -31,14 +47,28 @@ def test_param_count(name):
     shapes = sam_jax.param_shapes(sam_jax.build_sam(name))
     assert sam_jax.count_params(shapes) == PINNED_COUNTS[name]
     assert len(sam_jax.checkpoints.flatten_params(shapes)) == PINNED_TENSORS[name]
-    with torch.device("meta"):  # shapes only, nothing allocated
-        official = official_sam(sam_jax.get_config(name)).state_dict()
+    cfg = sam_jax.get_config(name)
+    # Shapes only, nothing allocated; MobileSAM's TinyViT cannot be built on the meta device (its
+    # init reads numbers off tensors), and is small.
+    with torch.device("meta" if cfg.encoder_type == "vit" else "cpu"):
+        official = official_sam(cfg).state_dict()
+    official = {
+        k: t for k, t in official.items() if not k.startswith(NOT_PARAMETERS) and not k.endswith("num_batches_tracked")
+    }
     assert sum(t.numel() for t in official.values()) == PINNED_COUNTS[name]
     assert len(official) == PINNED_TENSORS[name]
 
 
-def test_default_is_vit_h():
+def test_aliases():
     assert sam_jax.get_config("default") == sam_jax.get_config("vit_h")
+    assert sam_jax.get_config("vit_t") == sam_jax.get_config("mobile_sam")  # MobileSAM's registry name
+    assert sam_jax.config.preset_name(sam_jax.get_config("vit_t")) == "mobile_sam"
+
+
+def test_a_layout_that_does_not_reduce_16x_is_rejected_when_built():
+    cfg = sam_jax.SamConfig(encoder_type="tiny_vit", tiny_vit_embed_dims=(64, 128, 160, 240))  # last merge halves
+    with pytest.raises(ValueError, match="TinyViT must reduce the image 16x"):
+        sam_jax.param_shapes(sam_jax.build_sam(cfg))
 
 
 @pytest.mark.parametrize(
@@ -77,6 +107,24 @@ INDEXES = "encoder_global_attn_indexes"
         (dict(mlp_ratio=1e-9), "encoder_embed_dim * mlp_ratio (the ViT MLP width) must be at least 1"),
         (dict(encoder_global_attn_indexes="7"), f"{INDEXES} must be a list of block indexes, got '7'"),
         (dict(encoder_global_attn_indexes=[7.0]), f"{INDEXES} must be a list of block indexes, got [7.0]"),
+        (dict(encoder_type="tinyvit"), "encoder_type must be one of ('vit', 'tiny_vit'), got 'tinyvit'"),
+        (
+            dict(tiny_vit_depths=(2, -1)),
+            "tiny_vit_depths must be a non-empty list of block counts (0 or more), got (2, -1)",
+        ),
+        (dict(tiny_vit_num_heads=()), "tiny_vit_num_heads must be a non-empty list of positive integers, got ()"),
+        (
+            dict(encoder_type="tiny_vit", patch_size=8),
+            "a tiny_vit encoder reduces the image 16x: patch_size must be 16, got 8",
+        ),
+        (
+            dict(encoder_type="tiny_vit", tiny_vit_depths=(1, 1, 1)),
+            "tiny_vit_embed_dims, _depths, _num_heads and _window_sizes need one entry per stage",
+        ),
+        (
+            dict(encoder_type="tiny_vit", tiny_vit_num_heads=(2, 4, 6, 10)),
+            "each tiny_vit_embed_dims entry (after stage 0) must be divisible by its tiny_vit_num_heads",
+        ),
     ],
 )
 def test_each_field_is_checked_by_type_and_sign(bad, needle):

@@ -1,5 +1,6 @@
-"""SamPredictor vs the official SamPredictor on the randomised full-size vit_b, on real photos of
-several sizes and orientations. Each photo is encoded once per side; many prompts run against it.
+"""SamPredictor vs the official SamPredictor on the randomised full-size vit_b, and vs MobileSAM's
+(`mobile_sam`) on the randomised MobileSAM, on real photos of several sizes and orientations. Each
+photo is encoded once per side; many prompts run against it.
 
 Tolerances (measured figures are printed at the end of the module with `-s`):
   * low-res logits: max |err| <= 1e-4 x std(reference): float32 through 12 ViT blocks and the
@@ -19,6 +20,10 @@ from PIL import Image
 
 from sam_jax import SamPredictor
 from tests.compilations import COMPILE_EVENTS, count_compilations
+
+# Every test here runs a full-size model (asked for by name inside `photo`, which the automatic
+# marking in conftest cannot see).
+pytestmark = pytest.mark.full
 
 LOGIT_TOL = 1e-4  # x std(reference logits)
 IOU_TOL = 1e-5
@@ -48,15 +53,21 @@ def _print_figures():
         print(f"{k:<52} {f['low']:>11.2e} {f['iou']:>9.2e} {f['full']:>12.2e} {f['mismatch']:>8d}")
 
 
-@pytest.fixture(scope="module", params=sorted(PHOTOS))
-def photo(request, vit_b):
-    """(name, image, official predictor, ours), each predictor with the image set."""
-    from segment_anything import SamPredictor as OfficialPredictor
+# "model:photo": each model's reference predictor is its own package's.
+MODELS = {"vit_b": "segment_anything", "mobile_sam": "mobile_sam"}
 
-    image = np.ascontiguousarray(PHOTOS[request.param]())
-    official = OfficialPredictor(vit_b.torch_model)
+
+@pytest.fixture(scope="module", params=[f"{m}:{p}" for m in MODELS for p in sorted(PHOTOS)])
+def photo(request):
+    """(name, image, official predictor, ours), each predictor with the image set."""
+    import importlib
+
+    model_name, photo_name = request.param.split(":")
+    ref = request.getfixturevalue(model_name)
+    image = np.ascontiguousarray(PHOTOS[photo_name]())
+    official = importlib.import_module(MODELS[model_name]).SamPredictor(ref.torch_model)
     official.set_image(image)
-    ours = SamPredictor(vit_b.model, vit_b.params, compile_ahead=False)  # counts this thread's compiles only
+    ours = SamPredictor(ref.model, ref.params, compile_ahead=False)  # counts this thread's compiles only
     ours.set_image(image)
     return request.param, image, official, ours
 
@@ -132,10 +143,10 @@ def test_embedding(photo):
     assert got.shape == want.shape and ours.input_size == official.input_size
     err = float(np.max(np.abs(got - want)) / np.std(want))
     FIGURES[f"{name} embedding"] = {"low": err, "iou": 0.0, "full": 0.0, "mismatch": 0}
-    assert err <= LOGIT_TOL  # float32 through 12 blocks
+    assert err <= LOGIT_TOL  # float32 through 12 ViT blocks (vit_b) or ~20 convs and 12 blocks (MobileSAM)
 
 
-@pytest.mark.parametrize("photo", ["landscape_400x600"], indirect=True)
+@pytest.mark.parametrize("photo", ["vit_b:landscape_400x600"], indirect=True)
 def test_set_image_does_not_recompile(photo):
     """A photo of another size reuses the compiled encoder. Both calls are in this test: the
     suite may drop JAX's caches between tests (conftest), so the first call finds or compiles
@@ -148,7 +159,7 @@ def test_set_image_does_not_recompile(photo):
     assert len(events) == 0
 
 
-@pytest.mark.parametrize("photo", ["landscape_400x600"], indirect=True)
+@pytest.mark.parametrize("photo", ["vit_b:landscape_400x600"], indirect=True)
 def test_64_boxes_in_one_call_equal_64_calls(photo):
     _, image, _, ours = photo
     h, w = image.shape[:2]

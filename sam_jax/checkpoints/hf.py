@@ -453,6 +453,11 @@ def export_hf(params: Mapping[str, Any], config: SamConfig | str, folder: str | 
     """sam_jax params -> an HF folder (config.json + model.safetensors, float32) that
     `transformers.SamModel.from_pretrained` loads. Returns the HF state_dict written."""
     cfg = get_config(config)
+    if cfg.encoder_type != "vit":
+        raise ConversionError(
+            f"the Hugging Face layout (transformers SamModel) has SAM's ViT encoder only, not {describe(cfg)}; "
+            "export to an official .pth instead"
+        )
     try:
         check_params(params, build_sam(cfg))
     except ValueError as e:

@@ -10,6 +10,7 @@ The Flax tree mirrors the official module tree, so the mapping is a few rules, n
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import warnings
@@ -100,43 +101,40 @@ def _depth(shapes: Mapping[str, Tuple[int, ...]], prefix: str, leaf: str) -> int
     return max((int(m.group(1)) + 1 for k in shapes for m in [pat.fullmatch(k)] if m), default=0)
 
 
+# Keys that tell the image encoder's family (MobileSAM's TinyViT begins with a BatchNorm'd conv stem).
+TINY_VIT_KEY = "image_encoder.patch_embed.seq.0.c.weight"
+_VIT_NEED = (
+    "image_encoder.patch_embed.proj.weight",
+    "image_encoder.pos_embed",
+    "image_encoder.blocks.0.attn.rel_pos_h",
+    "image_encoder.blocks.0.mlp.lin1.weight",
+)
+_TINY_VIT_NEED = (TINY_VIT_KEY, "image_encoder.patch_embed.seq.2.c.weight")
+_DECODER_NEED = (
+    "image_encoder.neck.0.weight",
+    "prompt_encoder.mask_downscaling.3.weight",
+    "mask_decoder.mask_tokens.weight",
+    "mask_decoder.transformer.layers.0.mlp.lin1.weight",
+    "mask_decoder.iou_prediction_head.layers.0.weight",
+)
+
+
 def detect_config(shapes: Mapping[str, Tuple[int, ...]]) -> SamConfig:
-    """Infers the SamConfig from the state_dict's tensor shapes (the decoder's head count, which
-    no shape records, is the official 8). Raises ConversionError if a needed tensor is missing."""
-    need = [
-        "image_encoder.patch_embed.proj.weight",
-        "image_encoder.pos_embed",
-        "image_encoder.neck.0.weight",
-        "prompt_encoder.mask_downscaling.3.weight",
-        "mask_decoder.mask_tokens.weight",
-        "mask_decoder.transformer.layers.0.mlp.lin1.weight",
-        "mask_decoder.iou_prediction_head.layers.0.weight",
-        "image_encoder.blocks.0.attn.rel_pos_h",
-        "image_encoder.blocks.0.mlp.lin1.weight",
-    ]
-    missing = [k for k in need if k not in shapes]
+    """Infers the SamConfig from the state_dict's tensor shapes: SAM's ViT or MobileSAM's TinyViT
+    (see `_tiny_vit_fields`), then the shared prompt encoder and mask decoder (the decoder's head
+    count, which no shape records, is the official 8). Raises ConversionError if a needed tensor
+    is missing."""
+    tiny = TINY_VIT_KEY in shapes
+    missing = [k for k in (_TINY_VIT_NEED if tiny else _VIT_NEED) + _DECODER_NEED if k not in shapes]
     if missing:
         raise ConversionError(
             "cannot detect the model type: this does not look like a SAM checkpoint",
             [f"missing key {k}" for k in missing],
         )
     try:
-        embed_dim, _, patch, _ = shapes["image_encoder.patch_embed.proj.weight"]
-        grid = shapes["image_encoder.pos_embed"][1]
-        depth = _depth(shapes, "image_encoder.blocks", "attn.rel_pos_h")
-        rel = [shapes.get(f"image_encoder.blocks.{i}.attn.rel_pos_h", (0, 0)) for i in range(depth)]
-        head_dim = rel[0][1]
-        global_idx = tuple(i for i, r in enumerate(rel) if r[0] == 2 * grid - 1)
-        windowed = [r[0] for i, r in enumerate(rel) if i not in global_idx]
+        encoder = _tiny_vit_fields(shapes) if tiny else _vit_fields(shapes)
         cfg = SamConfig(
-            encoder_embed_dim=embed_dim,
-            encoder_depth=depth,
-            encoder_num_heads=embed_dim // head_dim,
-            encoder_global_attn_indexes=global_idx,
-            image_size=grid * patch,
-            patch_size=patch,
-            window_size=(windowed[0] + 1) // 2 if windowed else SamConfig.window_size,
-            mlp_ratio=shapes["image_encoder.blocks.0.mlp.lin1.weight"][0] / embed_dim,
+            **encoder,
             prompt_embed_dim=shapes["image_encoder.neck.0.weight"][0],
             mask_in_chans=shapes["prompt_encoder.mask_downscaling.3.weight"][0],
             decoder_depth=_depth(shapes, "mask_decoder.transformer.layers", "mlp.lin1.weight"),
@@ -150,9 +148,66 @@ def detect_config(shapes: Mapping[str, Tuple[int, ...]]) -> SamConfig:
     return cfg
 
 
+def _vit_fields(shapes: Mapping[str, Tuple[int, ...]]) -> Dict[str, Any]:
+    embed_dim, _, patch, _ = shapes["image_encoder.patch_embed.proj.weight"]
+    grid = shapes["image_encoder.pos_embed"][1]
+    depth = _depth(shapes, "image_encoder.blocks", "attn.rel_pos_h")
+    rel = [shapes.get(f"image_encoder.blocks.{i}.attn.rel_pos_h", (0, 0)) for i in range(depth)]
+    head_dim = rel[0][1]
+    global_idx = tuple(i for i, r in enumerate(rel) if r[0] == 2 * grid - 1)
+    windowed = [r[0] for i, r in enumerate(rel) if i not in global_idx]
+    return dict(
+        encoder_embed_dim=embed_dim,
+        encoder_depth=depth,
+        encoder_num_heads=embed_dim // head_dim,
+        encoder_global_attn_indexes=global_idx,
+        image_size=grid * patch,
+        patch_size=patch,
+        window_size=(windowed[0] + 1) // 2 if windowed else SamConfig.window_size,
+        mlp_ratio=shapes["image_encoder.blocks.0.mlp.lin1.weight"][0] / embed_dim,
+    )
+
+
+def _tiny_vit_fields(shapes: Mapping[str, Tuple[int, ...]]) -> Dict[str, Any]:
+    """TinyViT's stages from the shapes. A stage's width is its stem's or the previous stage's
+    merge output; its heads and window come from its first block's attention biases (heads,
+    window^2). What no tensor records keeps MobileSAM's value: the image size (TinyViT has no
+    position embedding; 1024), stage 0's heads and window (a convolutional stage does not use
+    them) and those of a stage without blocks."""
+    layers = "image_encoder.layers"
+    merges = _depth(shapes, layers, "downsample.conv1.c.weight")
+    widths = [shapes["image_encoder.patch_embed.seq.2.c.weight"][0]]
+    widths += [shapes[f"{layers}.{i}.downsample.conv3.c.weight"][0] for i in range(merges)]
+    depths = [_depth(shapes, f"{layers}.0.blocks", "conv1.c.weight")]
+    default = SamConfig(encoder_type="tiny_vit")
+    heads, windows, mlp_ratio = [default.tiny_vit_num_heads[0]], [default.tiny_vit_window_sizes[0]], None
+    for i in range(1, len(widths)):
+        depths.append(_depth(shapes, f"{layers}.{i}.blocks", "attn.attention_biases"))
+        if depths[-1]:
+            n_heads, offsets = shapes[f"{layers}.{i}.blocks.0.attn.attention_biases"]
+            heads.append(n_heads)
+            windows.append(math.isqrt(offsets))
+            if mlp_ratio is None:
+                mlp_ratio = shapes[f"{layers}.{i}.blocks.0.mlp.fc1.weight"][0] / widths[i]
+        else:
+            heads.append(1)
+            windows.append(1)
+    return dict(
+        encoder_type="tiny_vit",
+        tiny_vit_embed_dims=tuple(widths),
+        tiny_vit_depths=tuple(depths),
+        tiny_vit_num_heads=tuple(heads),
+        tiny_vit_window_sizes=tuple(windows),
+        mlp_ratio=default.mlp_ratio if mlp_ratio is None else mlp_ratio,
+    )
+
+
 def describe(cfg: SamConfig) -> str:
     name = preset_name(cfg)
-    dims = f"embed dim {cfg.encoder_embed_dim}, {cfg.encoder_depth} blocks, image size {cfg.image_size}"
+    if cfg.encoder_type == "tiny_vit":
+        dims = f"TinyViT, stage widths {list(cfg.tiny_vit_embed_dims)}, blocks {list(cfg.tiny_vit_depths)}"
+    else:
+        dims = f"embed dim {cfg.encoder_embed_dim}, {cfg.encoder_depth} blocks, image size {cfg.image_size}"
     return f"{name} ({dims})" if name else f"a custom model ({dims})"
 
 
@@ -210,6 +265,8 @@ def plan_conversion(
     for key, shape in shapes.items():
         module, _, leaf = key.rpartition(".")
         fmod = flax_module_path(module)
+        if _not_a_parameter(cfg, fmod, leaf, target):
+            continue
         if leaf == "weight":
             leaf = next((w for w in _WEIGHT_LEAVES if f"{fmod}/{w}" in target), "weight")
         fkey = f"{fmod}/{leaf}"
@@ -256,6 +313,42 @@ def fit_error(cfg: SamConfig, problems: list[str]) -> ConversionError:
     return ConversionError(f"the checkpoint does not fit {describe(cfg)}: {summary}", problems, cfg)
 
 
+# MobileSAM's TinyViT keeps an image classifier the forward never calls (`norm_head`, `head`:
+# LayerNorm and Linear over the last stage's width to CLASSIFIER_CLASSES logits).
+TINY_VIT_CLASSIFIER = ("image_encoder/norm_head", "image_encoder/head")
+CLASSIFIER_CLASSES = 1000
+
+
+def _not_a_parameter(cfg: SamConfig, fmod: str, leaf: str, target: Mapping[str, Any]) -> bool:
+    """State_dict entries with no parameter here, read past by the converter and written back by
+    `export_state_dict`: BatchNorm's training counter (`num_batches_tracked`) and TinyViT's
+    classifier."""
+    if leaf == "num_batches_tracked":
+        return f"{fmod}/running_mean" in target
+    return cfg.encoder_type == "tiny_vit" and fmod in TINY_VIT_CLASSIFIER
+
+
+def _unused_tensors(flat: Mapping[str, Any]) -> Dict[str, np.ndarray]:
+    """What the official model's strict `load_state_dict` needs beside the parameters (see
+    `_not_a_parameter`): each BatchNorm's counter (0: these statistics were not counted here), and
+    for a TinyViT its classifier as an identity LayerNorm and a zero Linear (never called by the
+    segmentation forward; MobileSAM ships trained ones, which the conversion left behind)."""
+    out: Dict[str, np.ndarray] = {}
+    for fkey in flat:
+        module, leaf = fkey.rsplit("/", 1)
+        if leaf == "running_mean":
+            out[f"{torch_module_path(module)}.num_batches_tracked"] = np.zeros((), np.int64)
+    neck_in = flat.get("image_encoder/neck_0/kernel")
+    if "image_encoder/patch_embed/seq_0/c/kernel" in flat and neck_in is not None:
+        width = np.shape(neck_in)[2]  # the last stage's width: the neck's input channels
+        norm, head = (torch_module_path(m) for m in TINY_VIT_CLASSIFIER)
+        out[f"{norm}.weight"] = np.ones(width, np.float32)
+        out[f"{norm}.bias"] = np.zeros(width, np.float32)
+        out[f"{head}.weight"] = np.zeros((CLASSIFIER_CLASSES, width), np.float32)
+        out[f"{head}.bias"] = np.zeros(CLASSIFIER_CLASSES, np.float32)
+    return out
+
+
 def convert_state_dict(state_dict: Mapping[str, Any], model_type: Any = "auto") -> Tuple[SamConfig, Dict[str, Any]]:
     """Official SAM state_dict (torch tensors or numpy arrays) -> (SamConfig, nested Flax params).
 
@@ -281,13 +374,16 @@ def convert_state_dict(state_dict: Mapping[str, Any], model_type: Any = "auto") 
 
 
 def export_state_dict(params: Mapping[str, Any]) -> Dict[str, np.ndarray]:
-    """sam_jax params -> official state_dict layout (numpy), the inverse of convert_state_dict."""
+    """sam_jax params -> official state_dict layout (numpy), the inverse of convert_state_dict,
+    with the tensors the official model holds beside its parameters (see `_unused_tensors`)."""
     out = {}
-    for fkey, value in flatten_params(dict(params)).items():
+    flat = flatten_params(dict(params))
+    for fkey, value in flat.items():
         module, leaf = fkey.rsplit("/", 1)
         out[torch_key(fkey)] = np.ascontiguousarray(
             _to_torch_layout(torch_module_path(module), leaf, np.asarray(value))
         )
+    out.update(_unused_tensors(flat))
     return out
 
 

@@ -26,6 +26,7 @@ def unflatten_params(flat: Dict[str, Any]) -> Params:
 
 # The fields that count blocks or layers: the model's init is traced once per block (about 30 ms
 # each on a CPU), so a depth read from a file is checked against the file before a model is built.
+# A TinyViT encoder's blocks (`tiny_vit_depths`, summed) count as its encoder_depth.
 DEPTHS = ("encoder_depth", "decoder_depth", "iou_head_depth", "num_multimask_outputs")
 
 
@@ -33,7 +34,10 @@ def check_depths(config: SamConfig, n_tensors: int) -> None:
     """Raises ValueError when `config` has more blocks or layers than a file of `n_tensors`
     tensors can hold (each has tensors of its own): no such file fits it, and building the model
     to find out would take hours for a depth of a million."""
-    deep = [f"{name} {getattr(config, name)}" for name in DEPTHS if getattr(config, name) > n_tensors]
+    depths = {name: getattr(config, name) for name in DEPTHS}
+    if config.encoder_type == "tiny_vit":
+        depths["encoder_depth"] = sum(config.tiny_vit_depths)
+    deep = [f"{name} {d}" for name, d in depths.items() if d > n_tensors]
     if deep:
         raise ValueError(f"{', '.join(deep)}: more blocks than the {n_tensors} tensors of the checkpoint")
 

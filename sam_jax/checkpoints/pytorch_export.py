@@ -69,7 +69,11 @@ def export_pth(
         check_params(params, build_sam(cfg), "params")
     except ValueError as e:
         raise ConversionError(str(e)) from None
-    tensors = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in state.items()}
+    # Parameters as float32 whatever their dtype here; BatchNorm's counters stay int64.
+    tensors = {
+        k: torch.from_numpy(np.array(v, dtype=np.float32 if np.issubdtype(np.asarray(v).dtype, np.floating) else None))
+        for k, v in state.items()
+    }
     # atomic_file checks the folder first: torch.save would raise a RuntimeError for a missing one.
     with atomic_file(out_path) as tmp:
         torch.save(tensors, tmp)

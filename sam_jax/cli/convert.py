@@ -27,14 +27,14 @@ from ..checkpoints.named import DownloadError
 from ..checkpoints.official import describe
 from .common import Parser, run_command
 
-MODEL_TYPES = ("auto", "vit_b", "vit_l", "vit_h", "default")
+MODEL_TYPES = ("auto", "vit_b", "vit_l", "vit_h", "default", "mobile_sam", "vit_t")
 TARGETS = ("sam_jax", "hf", "pytorch")
 
 
 def build_parser(prog: str = "sam-jax convert") -> argparse.ArgumentParser:
     p = Parser(
         prog=prog,
-        description="Convert an official SAM checkpoint (.pth) or Hugging Face "
+        description="Convert an official SAM checkpoint (.pth; MobileSAM's mobile_sam.pt too) or Hugging Face "
         "SAM weights into a sam_jax .safetensors file, or sam_jax "
         "weights into a Hugging Face folder (--to hf) or an official "
         "PyTorch .pth (--to pytorch).",
@@ -49,7 +49,7 @@ def build_parser(prog: str = "sam-jax convert") -> argparse.ArgumentParser:
         "--model-type",
         default="auto",
         choices=MODEL_TYPES,
-        help="model size; 'auto' (default) detects it from the tensor shapes",
+        help="model size; 'auto' (default) detects it (SAM or MobileSAM) from the tensor shapes",
     )
     p.add_argument(
         "--to",

@@ -20,6 +20,7 @@ from .common import Dtype
 from .image_encoder import ImageEncoderViT, check_attention_impl
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
+from .tiny_vit import TinyViT
 
 # The top-level parameter subtrees that decoding reads (`Sam.get_dense_pe`, `decode`,
 # `decode_tokens`, `decode_masks` and `image_context`).
@@ -53,20 +54,32 @@ class Sam(nn.Module):
     def setup(self) -> None:
         cfg = self.config
         check_attention_impl(self.attention_impl)
-        self.image_encoder = ImageEncoderViT(
-            embed_dim=cfg.encoder_embed_dim,
-            depth=cfg.encoder_depth,
-            num_heads=cfg.encoder_num_heads,
-            global_attn_indexes=cfg.encoder_global_attn_indexes,
-            img_size=cfg.image_size,
-            patch_size=cfg.patch_size,
-            window_size=cfg.window_size,
-            mlp_ratio=cfg.mlp_ratio,
-            out_chans=cfg.prompt_embed_dim,
-            dtype=self.dtype,
-            remat_blocks=self.remat_encoder,
-            attention_impl=self.attention_impl,
-        )
+        if cfg.encoder_type == "tiny_vit":
+            self.image_encoder = TinyViT(
+                img_size=cfg.image_size,
+                embed_dims=cfg.tiny_vit_embed_dims,
+                depths=cfg.tiny_vit_depths,
+                num_heads=cfg.tiny_vit_num_heads,
+                window_sizes=cfg.tiny_vit_window_sizes,
+                mlp_ratio=cfg.mlp_ratio,
+                out_chans=cfg.prompt_embed_dim,
+                dtype=self.dtype,
+            )
+        else:
+            self.image_encoder = ImageEncoderViT(
+                embed_dim=cfg.encoder_embed_dim,
+                depth=cfg.encoder_depth,
+                num_heads=cfg.encoder_num_heads,
+                global_attn_indexes=cfg.encoder_global_attn_indexes,
+                img_size=cfg.image_size,
+                patch_size=cfg.patch_size,
+                window_size=cfg.window_size,
+                mlp_ratio=cfg.mlp_ratio,
+                out_chans=cfg.prompt_embed_dim,
+                dtype=self.dtype,
+                remat_blocks=self.remat_encoder,
+                attention_impl=self.attention_impl,
+            )
         self.prompt_encoder = PromptEncoder(
             embed_dim=cfg.prompt_embed_dim,
             image_embedding_size=cfg.embedding_size,
@@ -93,7 +106,10 @@ class Sam(nn.Module):
         """One stage of `encode_image`: the image encoder's half-blocks start..stop-1 (static; 2i
         is block i's attention half, 2i + 1 its MLP half; see `ImageEncoderViT.__call__`). x is the
         preprocessed images when start == 0, else the token grid the previous stage returned; the
-        last stage (stop == 2 * depth) returns the float32 embeddings."""
+        last stage (stop == 2 * depth) returns the float32 embeddings. SAM's ViT only (see
+        `backend.encoder_stages`)."""
+        if self.config.encoder_type != "vit":
+            raise ValueError(f"encode_image_layers stages SAM's ViT; this encoder is {self.config.encoder_type!r}")
         out = self.image_encoder(x, layers=(start, stop))
         return out.astype(jnp.float32) if stop == 2 * self.config.encoder_depth else out
 

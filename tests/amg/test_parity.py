@@ -1,7 +1,8 @@
 """SamAutomaticMaskGenerator vs the official generator, record by record.
 
 Three tiers, each generating every (photo, settings) case once per side (module-scope caches):
-  * vit_b, randomised full-size weights (conftest `vit_b`), real photos. Random weights give
+  * vit_b and MobileSAM, randomised full-size weights (conftest `vit_b`, `mobile_sam`; MobileSAM
+    against MobileSAM's own generator), real photos. Random weights give
     masks that cover most of the photo, so every box is the whole image (or crop): box NMS below
     1.0 would keep one mask, so these cases use box/crop NMS thresholds of 1.0 (NMS still runs
     and orders the output) and thresholds where tens of masks survive (IoU > 0.05, stability >=
@@ -110,38 +111,51 @@ def compare(name: str, official: List[dict], ours: List[dict]) -> Dict[str, floa
     return figs
 
 
-def _official(torch_model, **kw):
-    from segment_anything import SamAutomaticMaskGenerator as Official
+def _official(torch_model, package: str = "segment_anything", **kw):
+    """The reference generator of `package`: the official code, or MobileSAM's (`mobile_sam`)."""
+    import importlib
 
-    return Official(torch_model, output_mode="uncompressed_rle", **kw)
+    official = importlib.import_module(package).SamAutomaticMaskGenerator
+    return official(torch_model, output_mode="uncompressed_rle", **kw)
 
 
 def _ours(ref, **kw):
     return SamAutomaticMaskGenerator(ref.model, ref.params, output_mode="uncompressed_rle", **kw)
 
 
-# --- vit_b, real (randomised) weights ---
+# --- vit_b and MobileSAM, real (randomised) weights ---
 
-VIT_B_LOOSE = dict(pred_iou_thresh=0.05, stability_score_thresh=0.3, box_nms_thresh=1.0, crop_nms_thresh=1.0)
+FULL_SIZE_LOOSE = dict(pred_iou_thresh=0.05, stability_score_thresh=0.3, box_nms_thresh=1.0, crop_nms_thresh=1.0)
 # crop_n_layers 0 on a landscape photo, 1 on a square one (whose layer 0, the whole image, is
-# compared too). Each case costs 1 + 4 * layers vit_b encodings per side: the suite's budget.
-VIT_B_CASES = {
-    "coffee/crop0": ("coffee", dict(points_per_side=16, **VIT_B_LOOSE)),
-    "astronaut/crop1": ("astronaut", dict(points_per_side=8, crop_n_layers=1, crop_overlap_ratio=0.99, **VIT_B_LOOSE)),
+# compared too). Each case costs 1 + 4 * layers encodings per side: the suite's budget.
+FULL_SIZE_CASES = {
+    "coffee/crop0": ("coffee", dict(points_per_side=16, **FULL_SIZE_LOOSE)),
+    "astronaut/crop1": (
+        "astronaut",
+        dict(points_per_side=8, crop_n_layers=1, crop_overlap_ratio=0.99, **FULL_SIZE_LOOSE),
+    ),
 }
 
 
-@pytest.mark.parametrize("case", list(VIT_B_CASES))
-def test_vit_b_parity(vit_b, case):
-    photo, kw = VIT_B_CASES[case]
+# The full-size models and their reference generators: the official one, and MobileSAM's for
+# MobileSAM (its prompt encoder and mask decoder are SAM's; the same cases and thresholds hold).
+FULL_SIZE = {"vit_b": "segment_anything", "mobile_sam": "mobile_sam"}
+
+
+@pytest.mark.full  # the model is asked for by name, which conftest's automatic marking cannot see
+@pytest.mark.parametrize("model", list(FULL_SIZE))
+@pytest.mark.parametrize("case", list(FULL_SIZE_CASES))
+def test_full_size_parity(request, model, case):
+    ref = request.getfixturevalue(model)
+    photo, kw = FULL_SIZE_CASES[case]
     image = PHOTOS[photo]()
     with torch.no_grad():
-        official = _official(vit_b.torch_model, **kw).generate(image)
-    ours = _ours(vit_b, **kw).generate(image)
+        official = _official(ref.torch_model, FULL_SIZE[model], **kw).generate(image)
+    ours = _ours(ref, **kw).generate(image)
     assert len(official) >= 20  # the thresholds leave tens of masks to compare
     if kw.get("crop_n_layers"):
         assert len({tuple(r["crop_box"]) for r in official}) > 1  # layer-1 masks survive
-    compare(f"vit_b {case}", official, ours)
+    compare(f"{model} {case}", official, ours)
 
 
 # --- tiny, real (randomised) weights ---

@@ -28,14 +28,27 @@ HYPERNET_OUT_SCALE = 1.0
 
 
 def official_sam(cfg: SamConfig):
-    """The official `Sam` for a config, as `build_sam._build_sam` assembles it."""
+    """The official `Sam` for a config, as `build_sam._build_sam` assembles it; for a "tiny_vit"
+    encoder, MobileSAM's (`mobile_sam`, as its `build_sam_vit_t` assembles it)."""
     from functools import partial
 
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+    if cfg.encoder_type == "tiny_vit":
+        from tests.reference.tiny_vit import official_tiny_vit
 
-    grid = cfg.image_size // cfg.patch_size
-    sam = Sam(
-        image_encoder=ImageEncoderViT(
+        from mobile_sam.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+        image_encoder = official_tiny_vit(
+            img_size=cfg.image_size,
+            embed_dims=cfg.tiny_vit_embed_dims,
+            depths=cfg.tiny_vit_depths,
+            num_heads=cfg.tiny_vit_num_heads,
+            window_sizes=cfg.tiny_vit_window_sizes,
+            mlp_ratio=cfg.mlp_ratio,
+        )  # its neck is 256 wide, whatever prompt_embed_dim says: a config must agree (see config.py)
+    else:
+        from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+        image_encoder = ImageEncoderViT(
             depth=cfg.encoder_depth,
             embed_dim=cfg.encoder_embed_dim,
             img_size=cfg.image_size,
@@ -48,7 +61,10 @@ def official_sam(cfg: SamConfig):
             global_attn_indexes=list(cfg.encoder_global_attn_indexes),
             window_size=cfg.window_size,
             out_chans=cfg.prompt_embed_dim,
-        ),
+        )
+    grid = cfg.image_size // cfg.patch_size
+    sam = Sam(
+        image_encoder=image_encoder,
         prompt_encoder=PromptEncoder(
             embed_dim=cfg.prompt_embed_dim,
             image_embedding_size=(grid, grid),
@@ -75,9 +91,13 @@ def official_sam(cfg: SamConfig):
 
 @torch.no_grad()
 def randomise_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Refills EVERY floating tensor of the state_dict (parameters and buffers) in place."""
+    """Refills EVERY floating tensor of the state_dict (parameters and buffers) in place: for
+    MobileSAM's TinyViT also the BatchNorm statistics (running_mean random, running_var positive)
+    and attention biases large enough to change every attention map. Then `.eval()`: TinyViT's
+    attention caches its gathered bias (`ab`) when put in eval mode, and would keep the old one."""
     g = torch.Generator().manual_seed(seed)
     embeddings = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
+    batch_norms = {name for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
 
     def randn(shape, std):
         return torch.randn(shape, generator=g) * std
@@ -88,6 +108,11 @@ def randomise_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
         module, leaf = key.rsplit(".", 1)
         if leaf in ("rel_pos_h", "rel_pos_w", "pos_embed"):
             new = randn(t.shape, 0.5)  # large enough to change every attention map
+        elif leaf == "attention_biases":
+            new = randn(t.shape, 1.0)
+        elif leaf in ("running_mean", "running_var"):
+            assert module in batch_norms, key
+            new = randn(t.shape, 0.2) if leaf == "running_mean" else 0.5 + torch.rand(t.shape, generator=g)
         elif leaf == "positional_encoding_gaussian_matrix":
             new = randn(t.shape, 1.0)
         elif module in embeddings:
@@ -104,7 +129,7 @@ def randomise_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
         if "output_hypernetworks_mlps" in module and module.endswith("layers.2"):
             new = new * HYPERNET_OUT_SCALE
         t.copy_(new)
-    return model
+    return model.eval()
 
 
 def to_nchw(x) -> torch.Tensor:
