@@ -1,4 +1,5 @@
-"""sam_jax `SamPredictor` vs the official PyTorch `SamPredictor`, on the same weights, in one run.
+"""sam_jax `SamPredictor` vs the official PyTorch `SamPredictor`, on the same weights, in one run
+(for `--model mobile_sam`, MobileSAM's own `mobile_sam.SamPredictor`).
 
     python bench/predictor.py [--model vit_b] [--repeats 5] [--min-time 10] [--image coffee]
                               [--torch-threads N] [--rows ROW ...] [--json FILE] [--no-memory]
@@ -196,18 +197,29 @@ def _timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
+def reference_package(model_type: str):
+    """The reference code of a model: the official `segment_anything`, or MobileSAM's `mobile_sam`
+    (its own predictor and registry, where the model is "vit_t")."""
+    import importlib
+
+    tiny_vit = sam_jax.get_config(model_type).encoder_type == "tiny_vit"
+    return importlib.import_module("mobile_sam" if tiny_vit else "segment_anything")
+
+
+REGISTRY_NAMES = {"mobile_sam": "vit_t"}  # the reference registries' names, where they differ
+
+
 def build(model_type: str, workdir: str, official_config: OfficialConfig = OfficialConfig()):
     """Randomised official model + the same weights through the real converter; the official
     model then moved and sped up as official_config says."""
-    from segment_anything import SamPredictor as OfficialPredictor
-
     tm = randomise_(official_sam(sam_jax.get_config(model_type)), seed=1)
     pth, out = os.path.join(workdir, "sam.pth"), os.path.join(workdir, "sam.safetensors")
     torch.save(tm.state_dict(), pth)
     if convert_main([pth, out]) != 0:
         raise SystemExit("conversion failed")
     model, params = sam_jax.load(out)
-    return OfficialPredictor(configure_official(tm, official_config)), sam_jax.SamPredictor(
+    official = reference_package(model_type).SamPredictor
+    return official(configure_official(tm, official_config)), sam_jax.SamPredictor(
         model, params, compile_ahead=False
     )
 
@@ -285,10 +297,9 @@ def memory_child(side: str, workdir: str, model_type: str, image_name: str) -> N
     h, w = image.shape[:2]
     pts, labels = np.array([[w * 0.45, h * 0.55]]), np.array([1])
     if side == "official":
-        from segment_anything import SamPredictor as OfficialPredictor
-        from segment_anything import sam_model_registry
-
-        pred = OfficialPredictor(sam_model_registry[model_type](checkpoint=os.path.join(workdir, "sam.pth")))
+        ref = reference_package(model_type)
+        registry_name = REGISTRY_NAMES.get(model_type, model_type)
+        pred = ref.SamPredictor(ref.sam_model_registry[registry_name](checkpoint=os.path.join(workdir, "sam.pth")))
     else:
         pred = sam_jax.SamPredictor(*sam_jax.load(os.path.join(workdir, "sam.safetensors")), compile_ahead=False)
     pred.set_image(image)
@@ -334,7 +345,7 @@ def print_table(results: List[Dict[str, Any]]) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="vit_b", choices=["vit_b", "vit_l", "vit_h"])
+    p.add_argument("--model", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "mobile_sam"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--image", default="coffee", help="a skimage.data photo name (default coffee, 400x600)")
     p.add_argument(

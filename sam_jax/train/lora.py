@@ -20,8 +20,9 @@ from ..modeling import Sam
 
 Params = Dict[str, Any]
 
-# The qkv and output projections of every attention block of the image encoder.
-DEFAULT_TARGETS = r"image_encoder/blocks_\d+/attn/(qkv|proj)"
+# The qkv and output projections of every attention block of the image encoder: SAM's ViT
+# (blocks_i) and MobileSAM's TinyViT (layers_s/blocks_i).
+DEFAULT_TARGETS = r"image_encoder/(layers_\d+/)?blocks_\d+/attn/(qkv|proj)"
 LORA_A, LORA_B = "kernel_lora_a", "kernel_lora_b"
 
 

@@ -9,8 +9,9 @@ Parameter groups (`param_labels`): "train" leaves get the optimizer; "frozen" le
     come from the batch (cached) or from a forward pass outside the gradient;
   * encoder="full": everything is trained;
   * encoder="lora": only the LoRA adapters of the encoder (see `lora.add_lora`) are trained.
-The prompt encoder's random-Fourier matrix is always frozen: it is a buffer, not a parameter, in
-the official model.
+The prompt encoder's random-Fourier matrix and the BatchNorm statistics of MobileSAM's TinyViT
+are always frozen: they are buffers, not parameters, in the official models (the statistics are
+used as they are, in inference form, whatever the encoder mode).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ Params = Dict[str, Any]
 Batch = Dict[str, jax.Array]
 ENCODER_MODES = ("frozen", "full", "lora")
 ALWAYS_FROZEN = (("prompt_encoder", "pe_layer", "positional_encoding_gaussian_matrix"),)
+# Leaves frozen wherever they are: BatchNorm's running statistics (MobileSAM's TinyViT), buffers
+# in the official model that inference reads and no gradient step may move.
+ALWAYS_FROZEN_LEAVES = ("running_mean", "running_var")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +99,7 @@ def param_labels(params: Params, encoder: str = "frozen") -> Params:
         )
 
     def label(k) -> str:
-        if k in ALWAYS_FROZEN:
+        if k in ALWAYS_FROZEN or k[-1] in ALWAYS_FROZEN_LEAVES:
             return "frozen"
         if k[0] != "image_encoder" or encoder == "full":
             return "train"

@@ -1,23 +1,17 @@
 """MobileSAM's TinyViT (PyPI mobilesam-mirror, module `mobile_sam`) as the reference image encoder of
 `tests.reference.official_sam` for a "tiny_vit" config.
 
-`mobile_sam` imports four names from timm, and timm imports torchvision, which does not load
-here: the stand-in in timm_standin/ (see its README) goes first on sys.path when this module is
-imported, before anything imports `mobile_sam`.
+`mobile_sam` imports four names from timm, which does not load here: `tests/__init__.py` puts the
+stand-in (timm_standin/, see its README) first on sys.path.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 from typing import Sequence
 
 import torch
 
-
-TIMM_STANDIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "timm_standin")
-if TIMM_STANDIN not in sys.path:
-    sys.path.insert(0, TIMM_STANDIN)
+from tests import TIMM_STANDIN  # noqa: F401  (the timm stand-in, already first on sys.path)
 
 
 def official_tiny_vit(
