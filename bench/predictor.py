@@ -219,9 +219,7 @@ def build(model_type: str, workdir: str, official_config: OfficialConfig = Offic
         raise SystemExit("conversion failed")
     model, params = sam_jax.load(out)
     official = reference_package(model_type).SamPredictor
-    return official(configure_official(tm, official_config)), sam_jax.SamPredictor(
-        model, params, compile_ahead=False
-    )
+    return official(configure_official(tm, official_config)), sam_jax.SamPredictor(model, params, compile_ahead=False)
 
 
 def encoder_flops(cfg: sam_jax.SamConfig, batch: int = 1) -> float:
