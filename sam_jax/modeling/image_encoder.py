@@ -6,7 +6,7 @@ Output: image embeddings in NHWC, (B, S/16, S/16, prompt_embed_dim).
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -236,17 +236,28 @@ class ImageEncoderViT(nn.Module):
     attention_impl: str = "chunked"  # see ATTENTION_IMPLS
 
     @nn.compact
-    def __call__(self, x: jax.Array, layers: Optional[Tuple[int, int]] = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, layers: Optional[Tuple[int, int]] = None, interm: bool = False
+    ) -> Union[jax.Array, Tuple[jax.Array, Optional[jax.Array]]]:
         """layers=None runs everything. layers=(start, stop) runs one stage of the encoder, counted
         in half-blocks (2i: block i's attention half, 2i + 1: its MLP half): the patch embedding
         first when start == 0 (x is then the images), half-blocks start..stop-1, and the neck when
         stop == 2 * depth; otherwise x and the result are the (B, h, w, embed_dim) token grid.
-        Stages chained over 0..2 * depth compute the same as layers=None."""
+        Stages chained over 0..2 * depth compute the same as layers=None.
+
+        interm (static): also return SAM-HQ's intermediate embedding, the (B, h, w, embed_dim)
+        token grid right after the first global-attention block: (result, interm). A stage that
+        does not run that block's MLP half (half-block 2g + 1) returns (result, None)."""
         grid = self.img_size // self.patch_size
         n = 2 * self.depth
         start, stop = (0, n) if layers is None else (int(layers[0]), int(layers[1]))
         if not 0 <= start < stop <= n:
             raise ValueError(f"layers must be (start, stop) with 0 <= start < stop <= {n}, got {layers}")
+        if interm and not self.global_attn_indexes:
+            raise ValueError("interm: this encoder has no global-attention block (global_attn_indexes is empty)")
+        # The half-block after which the intermediate embedding is taken (-1: not asked for).
+        interm_at = 2 * min(self.global_attn_indexes) + 1 if interm else -1
+        interm_x = None
         if start == 0:
             if x.ndim != 4 or x.shape[1:] != (self.img_size, self.img_size, 3):
                 raise ValueError(
@@ -280,13 +291,16 @@ class ImageEncoderViT(nn.Module):
             )
             x = block(x) if whole else block(x, "attn" if i % 2 == 0 else "mlp")
             i += 2 if whole else 1
+            if i - 1 == interm_at:  # the half-block just run
+                interm_x = x
         if stop < n:
-            return x
+            return (x, interm_x) if interm else x
         # Neck: names follow the official nn.Sequential indices 0..3.
         x = _Conv1x1(self.out_chans, dtype=self.dtype, name="neck_0")(x)
         x = layer_norm(SAM_LN_EPS, "neck_1", self.dtype)(x)
         x = _Conv3x3(self.out_chans, dtype=self.dtype, name="neck_2")(x)
-        return layer_norm(SAM_LN_EPS, "neck_3", self.dtype)(x)
+        x = layer_norm(SAM_LN_EPS, "neck_3", self.dtype)(x)
+        return (x, interm_x) if interm else x
 
 
 class _Conv1x1(nn.Module):
