@@ -1,5 +1,5 @@
-"""Model configurations: the official presets (SAM's vit_b / vit_l / vit_h, MobileSAM) and tiny ones
-for tests."""
+"""Model configurations: the official presets (SAM's vit_b / vit_l / vit_h, MobileSAM, SAM-HQ) and tiny
+ones for tests."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import json
 import math
 import numbers
 from typing import Any, Dict, Iterable, List, Mapping, Tuple, Union
+
+import numpy as np
 
 # Pixel statistics of the official model (RGB, 0..255). The one place they live.
 PIXEL_MEAN: Tuple[float, float, float] = (123.675, 116.28, 103.53)
@@ -47,6 +49,10 @@ class SamConfig:
         convolutional (its heads and window are unused, as in MobileSAM). A merge into a width of
         `modeling.tiny_vit.MERGE_STRIDE_1_DIMS` keeps the grid, any other halves it; the encoder
         checks that the result is image_size / 16.
+      hq (bool): SAM-HQ: SAM's model (frozen, as published) plus its HQ output token and the fusion
+        of the ViT's tokens after its first global-attention block into the mask features
+        (`modeling.mask_decoder.MaskDecoder`'s `hq`). One mask per prompt. Needs a "vit" encoder
+        with a global block.
     """
 
     encoder_embed_dim: int = 1280
@@ -70,6 +76,7 @@ class SamConfig:
     tiny_vit_depths: Tuple[int, ...] = (2, 2, 6, 2)
     tiny_vit_num_heads: Tuple[int, ...] = (2, 4, 5, 10)
     tiny_vit_window_sizes: Tuple[int, ...] = (7, 7, 14, 7)
+    hq: bool = False
 
     def __post_init__(self) -> None:
         problems = self._normalise_fields()
@@ -88,6 +95,8 @@ class SamConfig:
                 problems.append("prompt_embed_dim must be a multiple of 8 and mask_in_chans of 4")
             if self.encoder_type == "tiny_vit":
                 problems += self._tiny_vit_problems()
+            if self.hq and (self.encoder_type != "vit" or not self.encoder_global_attn_indexes):
+                problems.append("hq (SAM-HQ) needs a 'vit' encoder with a global-attention block")
         if problems:
             raise ValueError("invalid SamConfig: " + "; ".join(problems))
 
@@ -124,6 +133,9 @@ class SamConfig:
                     "encoder_global_attn_indexes": "a list of block indexes",
                     "tiny_vit_depths": "a non-empty list of block counts (0 or more)",
                 }.get(f.name, "a non-empty list of positive integers")
+            elif f.name == "hq":
+                ok = isinstance(value, (bool, np.bool_))
+                normal, expected = bool(value) if ok else None, "True or False"
             elif f.name == "encoder_type":
                 ok = value in ENCODER_TYPES
                 normal, expected = value, f"one of {ENCODER_TYPES}"
@@ -223,6 +235,11 @@ PRESETS: Dict[str, SamConfig] = {
         iou_head_hidden_dim=24,
     ),
 }
+# SAM-HQ (its checkpoints sam_hq_vit_b / l / h.pth): SAM's sizes with the HQ additions.
+for _size in ("vit_b", "vit_l", "vit_h"):
+    PRESETS[f"sam_hq_{_size}"] = dataclasses.replace(PRESETS[_size], hq=True)
+PRESETS["tiny_hq"] = dataclasses.replace(PRESETS["tiny"], hq=True)
+
 # Other names of the same models: they are never what `preset_name` answers.
 ALIASES = {"default": "vit_h", "vit_t": "mobile_sam"}
 PRESETS.update({alias: PRESETS[name] for alias, name in ALIASES.items()})

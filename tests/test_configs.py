@@ -22,6 +22,10 @@ PINNED_COUNTS = {
     "mobile_sam": 9_818_564,
     "vit_t": 9_818_564,
     "tiny_mobile_sam": 3_918_574,
+    "sam_hq_vit_b": 94_806_832,
+    "sam_hq_vit_l": 313_676_336,
+    "sam_hq_vit_h": 642_686_256,
+    "tiny_hq": 247_140,
 }
 PINNED_TENSORS = {
     "vit_b": 314,
@@ -32,6 +36,10 @@ PINNED_TENSORS = {
     "mobile_sam": 408,
     "vit_t": 408,
     "tiny_mobile_sam": 267,
+    "sam_hq_vit_b": 339,
+    "sam_hq_vit_l": 507,
+    "sam_hq_vit_h": 619,
+    "tiny_hq": 213,
 }
 # MobileSAM's state_dict beside its parameters: 31 BatchNorm counters and the unused classifier
 # (LayerNorm and Linear(320, 1000)): 439 tensors, 10,140,231 values for mobile_sam.
@@ -108,6 +116,12 @@ INDEXES = "encoder_global_attn_indexes"
         (dict(encoder_global_attn_indexes="7"), f"{INDEXES} must be a list of block indexes, got '7'"),
         (dict(encoder_global_attn_indexes=[7.0]), f"{INDEXES} must be a list of block indexes, got [7.0]"),
         (dict(encoder_type="tinyvit"), "encoder_type must be one of ('vit', 'tiny_vit'), got 'tinyvit'"),
+        (dict(hq=1), "hq must be True or False, got 1"),
+        (dict(hq=True, encoder_type="tiny_vit"), "hq (SAM-HQ) needs a 'vit' encoder with a global-attention block"),
+        (
+            dict(hq=True, encoder_global_attn_indexes=()),
+            "hq (SAM-HQ) needs a 'vit' encoder with a global-attention block",
+        ),
         (
             dict(tiny_vit_depths=(2, -1)),
             "tiny_vit_depths must be a non-empty list of block counts (0 or more), got (2, -1)",

@@ -31,7 +31,17 @@ CONV_TO_FLAX = (2, 3, 1, 0)
 # spatially FLIPPED: lax.conv_transpose without transpose_kernel correlates with the kernel as
 # given, torch's transposed conv with its spatial mirror. Only the upscaling layers are transposed.
 CONV_TRANSPOSE_TO_FLAX = (2, 3, 0, 1)
-CONV_TRANSPOSE_MODULES = frozenset({"mask_decoder.output_upscaling.0", "mask_decoder.output_upscaling.3"})
+CONV_TRANSPOSE_MODULES = frozenset(
+    {
+        "mask_decoder.output_upscaling.0",
+        "mask_decoder.output_upscaling.3",
+        # SAM-HQ's (its embedding_maskfeature convolutions are ordinary Conv2d).
+        "mask_decoder.compress_vit_feat.0",
+        "mask_decoder.compress_vit_feat.3",
+        "mask_decoder.embedding_encoder.0",
+        "mask_decoder.embedding_encoder.3",
+    }
+)
 
 _WEIGHT_LEAVES = ("kernel", "scale", "embedding")
 
@@ -101,6 +111,8 @@ def _depth(shapes: Mapping[str, Tuple[int, ...]], prefix: str, leaf: str) -> int
     return max((int(m.group(1)) + 1 for k in shapes for m in [pat.fullmatch(k)] if m), default=0)
 
 
+# SAM-HQ's output token: its decoder additions (the ViT width they read must be the encoder's).
+HQ_KEY = "mask_decoder.hf_token.weight"
 # Keys that tell the image encoder's family (MobileSAM's TinyViT begins with a BatchNorm'd conv stem).
 TINY_VIT_KEY = "image_encoder.patch_embed.seq.0.c.weight"
 _VIT_NEED = (
@@ -142,6 +154,7 @@ def detect_config(shapes: Mapping[str, Tuple[int, ...]]) -> SamConfig:
             num_multimask_outputs=shapes["mask_decoder.mask_tokens.weight"][0] - 1,
             iou_head_depth=_depth(shapes, "mask_decoder.iou_prediction_head.layers", "weight"),
             iou_head_hidden_dim=shapes["mask_decoder.iou_prediction_head.layers.0.weight"][0],
+            hq=HQ_KEY in shapes,
         )
     except (ValueError, IndexError, ZeroDivisionError, TypeError) as e:
         raise ConversionError(f"cannot detect the model type from the tensor shapes ({e})") from None
@@ -208,6 +221,8 @@ def describe(cfg: SamConfig) -> str:
         dims = f"TinyViT, stage widths {list(cfg.tiny_vit_embed_dims)}, blocks {list(cfg.tiny_vit_depths)}"
     else:
         dims = f"embed dim {cfg.encoder_embed_dim}, {cfg.encoder_depth} blocks, image size {cfg.image_size}"
+    if cfg.hq:
+        dims = f"SAM-HQ, {dims}"
     return f"{name} ({dims})" if name else f"a custom model ({dims})"
 
 

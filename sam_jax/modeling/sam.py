@@ -96,11 +96,23 @@ class Sam(nn.Module):
             iou_head_depth=cfg.iou_head_depth,
             iou_head_hidden_dim=cfg.iou_head_hidden_dim,
             dtype=self.dtype,
+            hq=cfg.hq,
+            vit_dim=cfg.encoder_embed_dim if cfg.hq else 0,
         )
 
     def encode_image(self, images: jax.Array) -> jax.Array:
         """(B, S, S, 3) preprocessed NHWC images -> (B, h, w, C) NHWC embeddings (float32)."""
         return self.image_encoder(images).astype(jnp.float32)
+
+    def encode_image_hq(self, images: jax.Array) -> Tuple[jax.Array, jax.Array]:
+        """SAM-HQ (config.hq): (B, S, S, 3) preprocessed NHWC images -> the embeddings (B, h, w, C)
+        and the per-image HQ features (B, 4h, 4w, C/8) that `decode` / `decode_masks` take as
+        `hq_features` (from the ViT's tokens after its first global block), both float32."""
+        if not self.config.hq:
+            raise ValueError("encode_image_hq is SAM-HQ's (config.hq); use encode_image")
+        emb, interm = self.image_encoder(images, interm=True)
+        hq_features = self.mask_decoder.hq_features(emb, interm)
+        return emb.astype(jnp.float32), hq_features.astype(jnp.float32)
 
     def encode_image_layers(self, x: jax.Array, start: int, stop: int) -> jax.Array:
         """One stage of `encode_image`: the image encoder's half-blocks start..stop-1 (static; 2i
@@ -131,6 +143,8 @@ class Sam(nn.Module):
         multimask_output: bool = True,
         image_context: Optional[Dict[str, jax.Array]] = None,
         image_pe: Optional[jax.Array] = None,
+        hq_features: Optional[jax.Array] = None,
+        hq_token_only: bool = False,
     ) -> Tuple[jax.Array, jax.Array]:
         """Decodes a batch of B prompts against image embeddings: `decode_tokens` then
         `decode_masks`.
@@ -144,14 +158,18 @@ class Sam(nn.Module):
           image_context: optional `modeling.image_context(params, image_embeddings, pe)` of a
             (1, h, w, C) embedding: layer 0's image side precomputed (prompts without mask_inputs).
           image_pe: optional `get_dense_pe()` computed beforehand (it is the same for every call).
+          hq_features: SAM-HQ only, required: `encode_image_hq`'s HQ features of the image, (1,
+            4h, 4w, C/8) shared or (B, ...) one per prompt, like image_embeddings.
+          hq_token_only: SAM-HQ only, static: the HQ mask alone instead of SAM's + HQ's.
 
         Returns:
-          low-res mask logits (B, M, 4h, 4w) and IoU predictions (B, M), float32.
+          low-res mask logits (B, M, 4h, 4w) and IoU predictions (B, M), float32; SAM-HQ returns
+          one mask per prompt (M = 1: with multimask_output, SAM's part is its best of three).
         """
         iou, hyper, image_tokens = self.decode_tokens(
             image_embeddings, point_coords, point_labels, boxes, mask_inputs, multimask_output, image_context, image_pe
         )
-        return self.decode_masks(image_tokens, hyper), iou
+        return self.decode_masks(image_tokens, hyper, hq_features, hq_token_only), iou
 
     def decode_tokens(
         self,
@@ -183,19 +201,39 @@ class Sam(nn.Module):
         )
         return iou.astype(jnp.float32), hyper, image_tokens
 
-    def decode_masks(self, image_tokens: jax.Array, hyper: jax.Array) -> jax.Array:
+    def decode_masks(
+        self,
+        image_tokens: jax.Array,
+        hyper: jax.Array,
+        hq_features: Optional[jax.Array] = None,
+        hq_token_only: bool = False,
+    ) -> jax.Array:
         """Image tokens (K, h, w, C) and hypernetwork outputs (K, M, C/8) from `decode_tokens`
-        (the same K rows of both) -> low-res mask logits (K, M, 4h, 4w), float32."""
-        return self.mask_decoder.upscale(image_tokens, hyper).astype(jnp.float32)
+        (the same K rows of both) -> low-res mask logits (K, M, 4h, 4w), float32. SAM-HQ: also
+        hq_features (1 or K rows) and hq_token_only, as `decode`."""
+        if not self.config.hq:  # SAM's call, exactly as before SAM-HQ (the decoder checks the rest)
+            if hq_features is not None or hq_token_only:
+                raise ValueError("hq_features and hq_token_only are SAM-HQ's (config.hq); this model is SAM")
+            return self.mask_decoder.upscale(image_tokens, hyper).astype(jnp.float32)
+        return self.mask_decoder.upscale(image_tokens, hyper, hq_features, hq_token_only).astype(jnp.float32)
 
     def __call__(
         self, images, point_coords=None, point_labels=None, boxes=None, mask_inputs=None, multimask_output: bool = True
     ):
-        """encode_image then decode."""
-        return self.decode(self.encode_image(images), point_coords, point_labels, boxes, mask_inputs, multimask_output)
+        """encode_image (SAM-HQ: encode_image_hq) then decode."""
+        if self.config.hq:
+            emb, hq_features = self.encode_image_hq(images)
+        else:
+            emb, hq_features = self.encode_image(images), None
+        return self.decode(
+            emb, point_coords, point_labels, boxes, mask_inputs, multimask_output, hq_features=hq_features
+        )
 
     def init_all(self, images, point_coords, point_labels, boxes, mask_inputs):
         """Touches every parameter (a mask prompt, and no mask prompt): `init` goes through here."""
-        emb = self.encode_image(images)
-        self.decode(emb, point_coords, point_labels, boxes, mask_inputs)
-        return self.decode(emb)
+        if self.config.hq:
+            emb, hq_features = self.encode_image_hq(images)
+        else:
+            emb, hq_features = self.encode_image(images), None
+        self.decode(emb, point_coords, point_labels, boxes, mask_inputs, hq_features=hq_features)
+        return self.decode(emb, hq_features=hq_features)

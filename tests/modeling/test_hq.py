@@ -338,3 +338,74 @@ def test_encoder_interm_matches_reference():
     with pytest.raises(ValueError, match="interm"):
         no_global = dataclasses.replace(cfg, encoder_global_attn_indexes=())
         _encoder(no_global).apply({"params": params}, jnp.asarray(x), interm=True)
+
+
+# --- The whole SAM-HQ model through the real converter ---
+
+
+@pytest.fixture(scope="module")
+def whole():
+    """SAM-HQ's official model (tiny), randomised, its state_dict through `convert_state_dict`
+    (SAM-HQ detected from the keys); `Sam.encode_image_hq` of one image on both sides, once."""
+    from sam_jax.checkpoints import convert_state_dict
+    from tests.reference import official_sam
+
+    cfg = sam_jax.get_config("tiny_hq")
+    tm = randomise_(official_sam(cfg), seed=5)
+    found, params = convert_state_dict(tm.state_dict())
+    assert found == cfg
+    model = sam_jax.build_sam(cfg)
+    x = np.random.default_rng(5).standard_normal((1, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
+    emb, hq_features = jax.jit(model.apply, static_argnames="method")({"params": params}, x, method="encode_image_hq")
+    with torch.no_grad():
+        t_emb, interm = tm.image_encoder(to_nchw(x))
+    return model, params, tm, (emb, hq_features), (t_emb, interm)
+
+
+# ~3.5 s of compiling each; the module-level tests above run every combination in the daily tier.
+@pytest.mark.parametrize(
+    "multimask, hq_token_only",
+    [
+        pytest.param(True, False, id="multi-sam+hq"),
+        pytest.param(True, True, id="multi-hq_only", marks=pytest.mark.full),
+        pytest.param(False, False, id="single-sam+hq", marks=pytest.mark.full),
+        pytest.param(False, True, id="single-hq_only", marks=pytest.mark.full),
+    ],
+)
+def test_whole_model_through_the_converter(whole, multimask, hq_token_only):
+    """`Sam.decode` with the HQ features against the reference's prompt encoder and MaskDecoderHQ,
+    as its predictor calls them."""
+    model, params, tm, (emb, hq_features), (t_emb, interm) = whole
+    s = model.config.image_size
+    rng = np.random.default_rng(6)
+    coords = rng.uniform(0, s, (3, 2, 2)).astype(np.float32)
+    labels = np.array([[1, 0], [1, 1], [0, 1]])
+    decode = jax.jit(model.apply, static_argnames=("method", "multimask_output", "hq_token_only"))
+    low, iou = decode(
+        {"params": params},
+        emb,
+        coords,
+        labels,
+        method="decode",
+        multimask_output=multimask,
+        hq_features=hq_features,
+        hq_token_only=hq_token_only,
+    )
+    with torch.no_grad():
+        sparse, dense = tm.prompt_encoder(
+            points=(torch.from_numpy(coords), torch.from_numpy(labels)), boxes=None, masks=None
+        )
+        t_low, t_iou = tm.mask_decoder(
+            image_embeddings=t_emb,
+            image_pe=tm.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+            hq_token_only=hq_token_only,
+            interm_embeddings=interm,
+        )
+    e = model.config.embedding_size
+    assert low.shape == t_low.shape == (3, 1, 4 * e, 4 * e)
+    # The tolerances of the SAM pipeline (test_parity): logits <= 1e-4 x std, IoU <= 1e-5.
+    assert max_rel_err(low, t_low.numpy()) <= 1e-4
+    np.testing.assert_allclose(np.asarray(iou), t_iou.numpy(), rtol=0, atol=1e-5)

@@ -29,10 +29,17 @@ HYPERNET_OUT_SCALE = 1.0
 
 def official_sam(cfg: SamConfig):
     """The official `Sam` for a config, as `build_sam._build_sam` assembles it; for a "tiny_vit"
-    encoder, MobileSAM's (`mobile_sam`, as its `build_sam_vit_t` assembles it)."""
+    encoder, MobileSAM's (`mobile_sam`, as its `build_sam_vit_t` assembles it); for SAM-HQ
+    (cfg.hq), SAM-HQ's official one (`segment_anything_hq`, with `MaskDecoderHQ`)."""
     from functools import partial
 
-    if cfg.encoder_type == "tiny_vit":
+    decoder_kw = {}
+    if cfg.hq:
+        from segment_anything_hq.modeling import ImageEncoderViT, PromptEncoder, Sam, TwoWayTransformer
+        from segment_anything_hq.modeling import MaskDecoderHQ as MaskDecoder
+
+        decoder_kw = dict(vit_dim=cfg.encoder_embed_dim)
+    elif cfg.encoder_type == "tiny_vit":
         from tests.reference.tiny_vit import official_tiny_vit
 
         from mobile_sam.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
@@ -47,7 +54,7 @@ def official_sam(cfg: SamConfig):
         )  # its neck is 256 wide, whatever prompt_embed_dim says: a config must agree (see config.py)
     else:
         from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-
+    if cfg.encoder_type == "vit":
         image_encoder = ImageEncoderViT(
             depth=cfg.encoder_depth,
             embed_dim=cfg.encoder_embed_dim,
@@ -82,6 +89,7 @@ def official_sam(cfg: SamConfig):
             transformer_dim=cfg.prompt_embed_dim,
             iou_head_depth=cfg.iou_head_depth,
             iou_head_hidden_dim=cfg.iou_head_hidden_dim,
+            **decoder_kw,
         ),
         pixel_mean=list(PIXEL_MEAN),
         pixel_std=list(PIXEL_STD),
