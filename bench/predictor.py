@@ -135,10 +135,11 @@ def _encoder_row(ctx: Context, name: str, dtype: Any, batch: int = 1, attention_
         with torch.no_grad():
             return ctx.official.model.image_encoder(x_t)
 
+    one_jit = backend.jit_tuned if backend.encoder_runs_tuned(model.config) else jax.jit
     encode = (
         (lambda p, x: backend.encode_staged(model, p, x))
         if backend.staging_pays(model.config)
-        else jax.jit(lambda p, x: model.apply({"params": p}, x, method=sam_jax.Sam.encode_image))
+        else one_jit(lambda p, x: model.apply({"params": p}, x, method=sam_jax.Sam.encode_image))
     )
     return Row(name, ctx.sync(official), lambda: jax.block_until_ready(encode(ctx.ours.params, x)))
 

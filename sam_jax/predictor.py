@@ -48,6 +48,7 @@ _decode = backend.jit_tuned(decode_prompts, static_argnames=("model", "multimask
 _dense_pe = jax.jit(dense_pe, static_argnames=("model",))
 _image_context = jax.jit(image_context, static_argnames=("model",))
 _encode_images = jax.jit(encode_images, static_argnames=("model",))
+_encode_images_tuned = backend.jit_tuned(encode_images, static_argnames=("model",))
 _preprocess = jax.jit(preprocess_padded)
 
 
@@ -59,12 +60,14 @@ def _upscale(low_res: jax.Array, rows, cols, return_logits: bool, width_window: 
 
 def _encode(model: Sam, params: Params, images: np.ndarray, sizes: np.ndarray) -> Tuple[jax.Array, ...]:
     """`encode_images`, run as `backend` says this backend runs it fastest (on XLA:CPU the chain
-    of `backend.encode_staged`, elsewhere one jit) -> one (1, h, w, C) embedding per image: the
+    of `backend.encode_staged` for SAM's ViT, `backend.encoder_runs_tuned` for MobileSAM's
+    TinyViT; elsewhere one jit) -> one (1, h, w, C) embedding per image: the
     decoder then sees one shape whatever the batch was."""
     if backend.staging_pays(model.config):
         emb = backend.encode_staged(model, params, _preprocess(images, sizes))
     else:
-        emb = _encode_images(model, params, images, sizes)
+        encode = _encode_images_tuned if backend.encoder_runs_tuned(model.config) else _encode_images
+        emb = encode(model, params, images, sizes)
     return (emb,) if emb.shape[0] == 1 else tuple(emb[i : i + 1] for i in range(emb.shape[0]))
 
 

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from .. import backend
 from ..build import Params
 from ..functional import prepare_images
 from ..modeling import Sam
@@ -156,7 +157,8 @@ class Runner:
         if embeddings is None:
             crops = [images[j.image][y0:y1, x0:x1] for j in jobs for x0, y0, x1, y1 in [j.crop_box]]
             padded, sizes, _ = prepare_images(crops, s)
-            encode = pl.sharded(("encode", model), partial(pl.encode_job, model), mesh, 1)
+            tuned = backend.encoder_runs_tuned(model.config)
+            encode = pl.sharded(("encode", model), partial(pl.encode_job, model), mesh, 1, tuned=tuned)
             emb = encode(params, pl.put(padded, mesh), pl.put(sizes, mesh))
         else:
             emb = pl.put(np.stack([np.asarray(e) for e in embeddings + embeddings[:1] * (size - n_real)]), mesh)
