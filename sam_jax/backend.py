@@ -108,9 +108,10 @@ def encoder_stages(config: Any) -> Tuple[Tuple[int, int, bool], ...]:
 def staging_pays(config: Any = None) -> bool:
     """Whether `encode_staged` beats one jit of the encoder here: on XLA:CPU where this XLA knows
     `CPU_XLA_OPTIONS` (measured above), for SAM's ViT (a `SamConfig` whose `encoder_type` is not
-    "vit" has no stages: MobileSAM's TinyViT runs as one jit). Elsewhere one jit is the choice."""
-    if config is not None and config.encoder_type != "vit":
-        return False
+    "vit" has no stages: MobileSAM's TinyViT runs as one jit; nor, for now, SAM-HQ's, which also
+    returns the tokens after its first global block). Elsewhere one jit is the choice."""
+    if config is not None and (config.encoder_type != "vit" or config.hq):
+        return False  # SAM-HQ also needs the tokens after the first global block: one jit for now
     return jax.default_backend() == "cpu" and cpu_compiler_options() is not None
 
 

@@ -123,13 +123,20 @@ def encode_images(model: Sam, params: Params, images: jax.Array, sizes: jax.Arra
     depend on the image size. `prepare_images` makes the inputs on the host. `SamPredictor` runs
     this computation as `sam_jax.backend` says it runs fastest (on XLA:CPU, a chain of stages).
     """
-    return model.apply({"params": params}, preprocess_padded(images, sizes), method=Sam.encode_image)
+    return model.apply({"params": params}, preprocess_padded(images, sizes), method="encode_image")
+
+
+def encode_images_hq(model: Sam, params: Params, images: jax.Array, sizes: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """SAM-HQ (`model.config.hq`): `encode_images`' inputs -> the embeddings (B, S/16, S/16, C)
+    and the per-image HQ features (B, S/4, S/4, C/8) that `decode_prompts` takes as `hq_features`,
+    both NHWC float32 (`Sam.encode_image_hq`)."""
+    return model.apply({"params": params}, preprocess_padded(images, sizes), method="encode_image_hq")
 
 
 def dense_pe(model: Sam, params: Params) -> jax.Array:
     """The positional encoding of the embedding grid, (h, w, C): the same for every image and
     prompt, so `decode_prompts` can take it precomputed (its sin/cos are ~10% of a decode on CPU)."""
-    return model.apply({"params": params}, method=Sam.get_dense_pe)
+    return model.apply({"params": params}, method="get_dense_pe")
 
 
 def image_context(
@@ -153,6 +160,8 @@ def decode_prompts(
     multimask_output: bool = True,
     image_pe: Optional[jax.Array] = None,
     image_context: Optional[Dict[str, jax.Array]] = None,
+    hq_features: Optional[jax.Array] = None,
+    hq_token_only: bool = False,
 ) -> Tuple[jax.Array, jax.Array]:
     """Decodes B prompts against one image embedding (`Sam.decode`); arrays stay on the device.
 
@@ -168,10 +177,14 @@ def decode_prompts(
       image_pe: optional `dense_pe(model, params)`, computed here when None.
       image_context: optional `image_context(model, params, image_embedding)`: the same result
         with less work per call; only for prompts without mask_input.
+      hq_features: SAM-HQ only, required: the image's `encode_images_hq` HQ features (1, 4h, 4w,
+        C/8) (e.g. `SamPredictor.hq_features[i]`).
+      hq_token_only: SAM-HQ only, static: the HQ mask alone instead of SAM's + HQ's.
 
     Returns:
-      low-res mask logits (B, M, 4h, 4w) and IoU predictions (B, M). `transforms.upscale_masks`
-      with `SamPredictor.upscale_tables(i)` turns the logits into full-size logits.
+      low-res mask logits (B, M, 4h, 4w) and IoU predictions (B, M) (SAM-HQ: M = 1).
+      `transforms.upscale_masks` with `SamPredictor.upscale_tables(i)` turns the logits into
+      full-size logits.
     """
     return model.apply(
         {"params": params},
@@ -183,5 +196,7 @@ def decode_prompts(
         multimask_output,
         image_context,
         image_pe,
-        method=Sam.decode,
+        hq_features,
+        hq_token_only,
+        method="decode",
     )

@@ -27,6 +27,7 @@ from .functional import (
     decode_prompts,
     dense_pe,
     encode_images,
+    encode_images_hq,
     image_context,
     point_bucket,
     prepare_images,
@@ -44,11 +45,12 @@ MASK_THRESHOLD = 0.0
 
 # --- The pure entry points as the predictor compiles them (see `functional` for what compiles when). ---
 
-_decode = backend.jit_tuned(decode_prompts, static_argnames=("model", "multimask_output"))
+_decode = backend.jit_tuned(decode_prompts, static_argnames=("model", "multimask_output", "hq_token_only"))
 _dense_pe = jax.jit(dense_pe, static_argnames=("model",))
 _image_context = jax.jit(image_context, static_argnames=("model",))
 _encode_images = jax.jit(encode_images, static_argnames=("model",))
 _encode_images_tuned = backend.jit_tuned(encode_images, static_argnames=("model",))
+_encode_images_hq = jax.jit(encode_images_hq, static_argnames=("model",))
 _preprocess = jax.jit(preprocess_padded)
 
 
@@ -58,17 +60,22 @@ def _upscale(low_res: jax.Array, rows, cols, return_logits: bool, width_window: 
     return logits if return_logits else logits > MASK_THRESHOLD
 
 
-def _encode(model: Sam, params: Params, images: np.ndarray, sizes: np.ndarray) -> Tuple[jax.Array, ...]:
+def _encode(model: Sam, params: Params, images: np.ndarray, sizes: np.ndarray) -> Tuple[Tuple[jax.Array, ...], ...]:
     """`encode_images`, run as `backend` says this backend runs it fastest (on XLA:CPU the chain
     of `backend.encode_staged` for SAM's ViT, `backend.encoder_runs_tuned` for MobileSAM's
-    TinyViT; elsewhere one jit) -> one (1, h, w, C) embedding per image: the
-    decoder then sees one shape whatever the batch was."""
-    if backend.staging_pays(model.config):
+    TinyViT; elsewhere one jit) -> one (1, h, w, C) embedding per image: the decoder then sees
+    one shape whatever the batch was. Returns (embeddings, hq_features): SAM-HQ's per-image HQ
+    features (`encode_images_hq`), (1, 4h, 4w, C/8) each, or Nones for other models."""
+    hq = None
+    if model.config.hq:
+        emb, hq = _encode_images_hq(model, params, images, sizes)
+    elif backend.staging_pays(model.config):
         emb = backend.encode_staged(model, params, _preprocess(images, sizes))
     else:
         encode = _encode_images_tuned if backend.encoder_runs_tuned(model.config) else _encode_images
         emb = encode(model, params, images, sizes)
-    return (emb,) if emb.shape[0] == 1 else tuple(emb[i : i + 1] for i in range(emb.shape[0]))
+    n = emb.shape[0]
+    return tuple(emb[i : i + 1] for i in range(n)), tuple(None if hq is None else hq[i : i + 1] for i in range(n))
 
 
 def _pad_rows(x: np.ndarray, n: int, fill: float = 0.0) -> np.ndarray:
@@ -83,10 +90,10 @@ def _pad_rows(x: np.ndarray, n: int, fill: float = 0.0) -> np.ndarray:
 # Point counts of an interactive session, one click after another: the buckets of 1 to this many
 # points are compiled ahead, with and without a box.
 INTERACTIVE_POINTS = 16
-# (mask_input given, multimask_output, return_logits) of `predict`: the official defaults are
-# what is compiled ahead before the first predict.
-Mode = Tuple[bool, bool, bool]
-DEFAULT_MODE: Mode = (False, True, False)
+# (mask_input given, multimask_output, return_logits, hq_token_only) of `predict`: the official
+# defaults are what is compiled ahead before the first predict.
+Mode = Tuple[bool, bool, bool, bool]
+DEFAULT_MODE: Mode = (False, True, False, False)
 
 
 class _Background:
@@ -182,6 +189,7 @@ class _Image:
 
     embedding: jax.Array  # (1, h, w, C) NHWC
     context: Dict[str, jax.Array]  # `functional.image_context` of the embedding
+    hq_features: Optional[jax.Array]  # SAM-HQ's (1, 4h, 4w, C/8) (`functional.encode_images_hq`), or None
     original_size: Tuple[int, int]  # (H, W) as given
     input_size: Tuple[int, int]  # (h, w) resized into the model frame
     tables: Tables  # low-res logits -> the bucket-padded original size
@@ -225,7 +233,7 @@ class SamPredictor:
         self.compile_ahead = inputs.check_flag(compile_ahead, "compile_ahead")
         self._modes: Dict[Mode, None] = {DEFAULT_MODE: None}  # an ordered set
         self._ahead: Dict[Hashable, Future] = {}  # programs submitted to _BACKGROUND, by compile key
-        self._avals: Optional[Tuple[jax.ShapeDtypeStruct, Dict[str, jax.ShapeDtypeStruct]]] = None
+        self._avals: Optional[Tuple[Any, ...]] = None
         self.image_size = model.config.image_size
         self.low_res_size = model.config.mask_input_size
         self.transform = ResizeLongestSide(self.image_size)
@@ -267,14 +275,17 @@ class SamPredictor:
         if self.compile_ahead and beside:
             self._compile_ahead(upscaling)
         # Synchronous like the official set_image: errors surface here and timings mean something.
-        embeddings = jax.block_until_ready(_encode(self.model, self.params, padded, sizes))
+        embeddings, hq_features = jax.block_until_ready(_encode(self.model, self.params, padded, sizes))
         if self.compile_ahead and not beside:
             self._compile_ahead(upscaling)
         records = []
-        for emb, (h, w), (oh, ow), (tables, width_window) in zip(embeddings, sizes.tolist(), originals, upscaling):
+        for emb, hq, (h, w), (oh, ow), (tables, width_window) in zip(
+            embeddings, hq_features, sizes.tolist(), originals, upscaling
+        ):
             records.append(
                 _Image(
                     embedding=emb,
+                    hq_features=hq,
                     # The decoder's prompt-independent work, done once here rather than per predict
                     # (used for prompts without mask_input; see functional.image_context).
                     context=_image_context(self.model, self._decoder_params, emb, self._image_pe),
@@ -341,6 +352,12 @@ class SamPredictor:
         return tuple(r.embedding for r in self._images)
 
     @property
+    def hq_features(self) -> Tuple[Optional[jax.Array], ...]:
+        """SAM-HQ: one (1, 4h, 4w, C/8) NHWC device array of HQ features per image, for
+        `decode_prompts(..., hq_features=predictor.hq_features[i])`; Nones for other models."""
+        return tuple(r.hq_features for r in self._images)
+
+    @property
     def image_contexts(self) -> Tuple[Dict[str, jax.Array], ...]:
         """One `functional.image_context` per image (the decoder's prompt-independent work), for
         `decode_prompts(..., image_context=predictor.image_contexts[i])` without a mask_input."""
@@ -376,8 +393,9 @@ class SamPredictor:
         multimask_output: bool = True,
         return_logits: bool = False,
         image_index: int = 0,
+        hq_token_only: bool = False,
     ) -> Outputs:
-        """Masks for one prompt, as the official `SamPredictor.predict`.
+        """Masks for one prompt, as the official `SamPredictor.predict` (SAM-HQ's for a SAM-HQ model).
 
         Args:
           point_coords: (N, 2) (x, y) original-image pixels; point_labels: (N,) int, 1 foreground,
@@ -387,10 +405,13 @@ class SamPredictor:
           multimask_output: 3 masks (True) or 1.
           return_logits: full-size float logits instead of boolean masks (logits > 0).
           image_index: which image of `set_images`.
+          hq_token_only: SAM-HQ only: the HQ mask alone instead of SAM's + HQ's (SAM-HQ's own
+            predictor's argument; its default False there too).
 
         Returns:
           masks (C, H, W) bool (float32 logits if return_logits), iou_predictions (C,) float32,
-          low_res_logits (C, 256, 256) float32.
+          low_res_logits (C, 256, 256) float32. C is 3 with multimask_output, else 1; SAM-HQ
+          returns one mask either way (with multimask_output, SAM's part is its best of three).
         """
         i = self._index(image_index)
         size = self._images[i].original_size
@@ -408,6 +429,7 @@ class SamPredictor:
             masks is not None,
             inputs.check_flag(multimask_output, "multimask_output"),
             inputs.check_flag(return_logits, "return_logits"),
+            self._check_hq_token_only(hq_token_only),
         )
         out = self._run(i, points, boxes, masks, *mode[1:])
         if self.compile_ahead and mode not in self._modes:  # this call's neighbours, for the next clicks
@@ -424,6 +446,7 @@ class SamPredictor:
         multimask_output: bool = True,
         return_logits: bool = False,
         image_index: int = 0,
+        hq_token_only: bool = False,
     ) -> Outputs:
         """Masks for B prompts on one image in one call (chunks of `functional.prompts_per_call`:
         64 prompts of up to 64 points, fewer of more).
@@ -436,7 +459,7 @@ class SamPredictor:
             PAD_LABEL for ignored slots.
           boxes: (B, 4) (x0, y0, x1, y1) original-image pixels.
           mask_input: (B, 1, 256, 256) low-res mask LOGITS (a previous call's third output[:, k:k+1]).
-          multimask_output, return_logits, image_index: as in `predict`.
+          multimask_output, return_logits, image_index, hq_token_only: as in `predict`.
 
         Returns:
           masks (B, C, H, W) bool (float32 logits if return_logits), iou_predictions (B, C),
@@ -472,7 +495,18 @@ class SamPredictor:
             masks,
             inputs.check_flag(multimask_output, "multimask_output"),
             inputs.check_flag(return_logits, "return_logits"),
+            self._check_hq_token_only(hq_token_only),
         )
+
+    def _check_hq_token_only(self, hq_token_only: Any) -> bool:
+        flag = inputs.check_flag(hq_token_only, "hq_token_only")
+        if flag and not self.model.config.hq:
+            raise ValueError("hq_token_only=True needs a SAM-HQ model (config.hq); this model is SAM")
+        return flag
+
+    def _masks_per_prompt(self, multimask: bool) -> int:
+        """Masks a decode returns per prompt: 3 (num_multimask_outputs) or 1; SAM-HQ always 1."""
+        return self.model.config.num_multimask_outputs if multimask and not self.model.config.hq else 1
 
     def _run(
         self,
@@ -482,12 +516,13 @@ class SamPredictor:
         masks: Optional[np.ndarray],
         multimask: bool,
         return_logits: bool,
+        hq_token_only: bool = False,
     ) -> Outputs:
         """Prompts already in the model-input frame -> numpy outputs at the original size."""
         b = next((len(x) for x in (points, boxes, masks) if x is not None), 1)
         image = self._images[i]
         h, w = image.original_size
-        m = self.model.config.num_multimask_outputs if multimask else 1
+        m = self._masks_per_prompt(multimask)
         s = self.low_res_size
         out_masks = np.empty((b, m, h, w), np.float32 if return_logits else bool)
         out_iou = np.empty((b, m), np.float32)
@@ -497,7 +532,9 @@ class SamPredictor:
         for start in range(0, b, per_call):
             stop = min(start + per_call, b)
             prompts = _pad_prompts(points, boxes, masks, start, stop, n_slots)
-            key, args, kwargs = self._decoding(image.embedding, image.context, prompts, multimask)
+            key, args, kwargs = self._decoding(
+                image.embedding, image.context, image.hq_features, prompts, multimask, hq_token_only
+            )
             self._wait(key)
             low, iou = _decode(*args, **kwargs)
             key, args, kwargs = _upscaling_call(low, image.tables, image.width_window, return_logits)
@@ -510,15 +547,25 @@ class SamPredictor:
         return out_masks, out_iou, out_low
 
     def _decoding(
-        self, embedding: Any, context: Any, prompts: Tuple[Optional[np.ndarray], ...], multimask: bool
+        self,
+        embedding: Any,
+        context: Any,
+        hq_features: Any,
+        prompts: Tuple[Optional[np.ndarray], ...],
+        multimask: bool,
+        hq_token_only: bool,
     ) -> Tuple[Hashable, tuple, dict]:
         """The compile key, arguments and keyword arguments of a `_decode` call on prompts
         (`_pad_prompts`): the call and its compilation ahead share them."""
         coords, labels, boxes, masks = prompts
-        key = ("decode", *(None if x is None else x.shape for x in prompts), multimask)
+        key = ("decode", *(None if x is None else x.shape for x in prompts), multimask, hq_token_only)
         args = (self.model, self._decoder_params, embedding, coords, labels, boxes, masks)
         kwargs = dict(
-            multimask_output=multimask, image_pe=self._image_pe, image_context=context if masks is None else None
+            multimask_output=multimask,
+            image_pe=self._image_pe,
+            image_context=context if masks is None else None,
+            hq_features=hq_features,
+            hq_token_only=hq_token_only,
         )
         return key, args, kwargs
 
@@ -528,7 +575,7 @@ class SamPredictor:
         """Submits to the background thread the decoder programs `predict` in this mode needs
         next: each point bucket of 0 to INTERACTIVE_POINTS points, without and with a box (or the
         other way round). Each once per predictor; one compiled already is found in jax's cache."""
-        with_mask, multimask, _ = mode
+        with_mask, multimask, _, hq_token_only = mode
         s = self.low_res_size
         masks = np.zeros((1, s, s), np.float32) if with_mask else None
         for box in (box_first, not box_first):
@@ -538,25 +585,29 @@ class SamPredictor:
                     continue  # no prompt at all: not an interactive call
                 points = [(np.zeros((n_slots, 2), np.float32), np.zeros(n_slots, np.int32))] if n_slots else None
                 prompts = _pad_prompts(points, boxes, masks, 0, 1, n_slots)
-                self._submit(_decode, *self._decoding(*self._image_avals(), prompts, multimask), lower_here)
+                self._submit(
+                    _decode, *self._decoding(*self._image_avals(), prompts, multimask, hq_token_only), lower_here
+                )
 
     def _upscaling_ahead(self, mode: Mode, upscaling: Sequence[Tuple[Tables, int]], lower_here: bool) -> None:
         """Submits to the background thread the mask upscaling `predict` in this mode needs for
         images of these (tables, width window) (one program per output size bucket)."""
-        _, multimask, return_logits = mode
-        m = self.model.config.num_multimask_outputs if multimask else 1
+        _, multimask, return_logits, _ = mode
+        m = self._masks_per_prompt(multimask)
         low = jax.ShapeDtypeStruct((1, m, self.low_res_size, self.low_res_size), jnp.float32)
         for tables, width_window in upscaling:
             self._submit(_upscale, *_upscaling_call(low, tables, width_window, return_logits), lower_here)
 
-    def _image_avals(self) -> Tuple[jax.ShapeDtypeStruct, Dict[str, jax.ShapeDtypeStruct]]:
-        """The shapes of an image's embedding and `image_context`: what the decoder compiles
-        for, known before any image is encoded."""
+    def _image_avals(self) -> Tuple[Any, ...]:
+        """The shapes of an image's embedding, `image_context` and HQ features (SAM-HQ; else
+        None): what the decoder compiles for, known before any image is encoded."""
         if self._avals is None:
             c = self.model.config
             emb = jax.ShapeDtypeStruct((1, c.embedding_size, c.embedding_size, c.prompt_embed_dim), jnp.float32)
             ctx = jax.eval_shape(partial(image_context, self.model), self._decoder_params, emb, self._image_pe)
-            self._avals = (emb, ctx)
+            side, width = c.mask_input_size, c.prompt_embed_dim // 8
+            hq = jax.ShapeDtypeStruct((1, side, side, width), jnp.float32) if c.hq else None
+            self._avals = (emb, ctx, hq)
         return self._avals
 
     def _submit(self, jitted: Any, key: Hashable, args: tuple, kwargs: dict, lower_here: bool) -> None:

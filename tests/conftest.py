@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import torch
 
 # Requesting one of these fixtures (directly or through another fixture) marks a test `full`.
-FULL_SIZE_FIXTURES = frozenset({"vit_b", "vit_l", "vit_h", "mobile_sam"})
+FULL_SIZE_FIXTURES = frozenset({"vit_b", "vit_l", "vit_h", "mobile_sam", "sam_hq_vit_b"})
 
 
 @dataclasses.dataclass
@@ -67,6 +67,16 @@ def vit_b(tmp_path_factory) -> Reference:
 @pytest.fixture(scope="session")
 def mobile_sam(tmp_path_factory) -> Reference:
     return _make_reference(tmp_path_factory, "mobile_sam", seed=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_hq(tmp_path_factory) -> Reference:
+    return _make_reference(tmp_path_factory, "tiny_hq", seed=5)
+
+
+@pytest.fixture(scope="module")
+def sam_hq_vit_b(tmp_path_factory) -> Reference:
+    return _make_reference(tmp_path_factory, "sam_hq_vit_b", seed=6)
 
 
 # Module scope: built for one parity run each, then freed (vit_h needs ~10 GB of memory).

@@ -72,7 +72,7 @@ def test_just_over_the_former_cliff_costs_what_its_count_costs(tiny):
     for n in (4096, 4097):
         points = [(np.zeros((n, 2), np.float32), np.ones(n, np.int32))]
         prompts = _pad_prompts(points, None, None, 0, 1, F.point_bucket(n))
-        _, args, kwargs = p._decoding(*p._image_avals(), prompts, True)
+        _, args, kwargs = p._decoding(*p._image_avals(), prompts, True, False)
         assert args[3].shape == (1, F.point_bucket(n), 2)  # the slots the decoder gets
         temp[n] = _decode.lower(*args, **kwargs).compile().memory_analysis().temp_size_in_bytes
     assert temp[4097] / temp[4096] < 2.5, temp
@@ -172,7 +172,7 @@ def test_compile_ahead_plans_every_interactive_prompt(tiny, monkeypatch):
         for n in [0] * with_box + list(range(1, INTERACTIVE_POINTS + 1)):
             points = [(np.zeros((n, 2)), np.ones(n, np.int32))] if n else None
             prompts = _pad_prompts(points, box, None, 0, 1, F.point_bucket(n) if n else 0)
-            needed.add(p._decoding(image.embedding, image.context, prompts, True)[0])
+            needed.add(p._decoding(image.embedding, image.context, image.hq_features, prompts, True, False)[0])
     low = jax.ShapeDtypeStruct((1, 3, p.low_res_size, p.low_res_size), np.float32)
     needed.add(predictor_module._upscaling_call(low, image.tables, image.width_window, False)[0])
     assert set(submitted) == needed and len(submitted) == len(needed) == 8  # 1, 4, 16 slots x box or not, a box alone

@@ -1,6 +1,7 @@
-"""SamPredictor vs the official SamPredictor on the randomised full-size vit_b, and vs MobileSAM's
-(`mobile_sam`) on the randomised MobileSAM, on real photos of several sizes and orientations. Each
-photo is encoded once per side; many prompts run against it.
+"""SamPredictor vs the official SamPredictor on the randomised full-size vit_b, vs MobileSAM's
+(`mobile_sam`) on the randomised MobileSAM and vs SAM-HQ's (`segment_anything_hq`) on the
+randomised SAM-HQ vit_b, on real photos of several sizes and orientations. Each photo is encoded
+once per side; many prompts run against it.
 
 Tolerances (measured figures are printed at the end of the module with `-s`):
   * low-res logits: max |err| <= 1e-4 x std(reference): float32 through 12 ViT blocks and the
@@ -54,7 +55,7 @@ def _print_figures():
 
 
 # "model:photo": each model's reference predictor is its own package's.
-MODELS = {"vit_b": "segment_anything", "mobile_sam": "mobile_sam"}
+MODELS = {"vit_b": "segment_anything", "mobile_sam": "mobile_sam", "sam_hq_vit_b": "segment_anything_hq"}
 
 
 @pytest.fixture(scope="module", params=[f"{m}:{p}" for m in MODELS for p in sorted(PHOTOS)])
@@ -118,6 +119,18 @@ def test_prompts(photo, multimask):
         got = ours.predict(**kw, multimask_output=multimask)
         got_logits = ours.predict(**kw, multimask_output=multimask, return_logits=True)
         check(f"{name} {pname} {'multi' if multimask else 'single'}", want, got, got_logits)
+
+
+@pytest.mark.parametrize("photo", [f"sam_hq_vit_b:{p}" for p in sorted(PHOTOS)], indirect=True)
+@pytest.mark.parametrize("multimask", [True, False], ids=["multi", "single"])
+def test_hq_token_only(photo, multimask):
+    """SAM-HQ's HQ mask alone (its predictor's hq_token_only=True); test_prompts runs its default."""
+    name, image, official, ours = photo
+    h, w = image.shape[:2]
+    for pname, kw in prompts(h, w).items():
+        kw = dict(kw, multimask_output=multimask, hq_token_only=True)
+        want = official.predict(**kw, return_logits=True)
+        check(f"{name} {pname} hq_token_only", want, ours.predict(**kw), ours.predict(**kw, return_logits=True))
 
 
 def test_mask_input_from_previous_logits(photo):

@@ -73,6 +73,13 @@ class SamAutomaticMaskGenerator:
     ) -> None:
         if not isinstance(model, Sam):
             raise TypeError(f"model must be a sam_jax.Sam, got {type(model).__name__}")
+        if model.config.hq:
+            # SAM-HQ decodes one mask per point (three in SAM), with per-crop HQ features: the
+            # pipeline's decode and filter jobs do not carry them yet.
+            raise ValueError(
+                "model is SAM-HQ (config.hq): automatic mask generation supports SAM and MobileSAM, not yet "
+                "SAM-HQ; use SamPredictor.predict_batch with a grid of points"
+            )
         a = check_generator_args(
             points_per_side=points_per_side,
             points_per_batch=points_per_batch,
