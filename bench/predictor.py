@@ -1,5 +1,6 @@
 """sam_jax `SamPredictor` vs the official PyTorch `SamPredictor`, on the same weights, in one run
-(for `--model mobile_sam`, MobileSAM's own `mobile_sam.SamPredictor`).
+(for `--model mobile_sam`, MobileSAM's own `mobile_sam.SamPredictor`; for `--model sam_hq_vit_b`,
+SAM-HQ's `segment_anything_hq.SamPredictor`).
 
     python bench/predictor.py [--model vit_b] [--repeats 5] [--min-time 10] [--image coffee]
                               [--torch-threads N] [--rows ROW ...] [--json FILE] [--no-memory]
@@ -203,11 +204,14 @@ def reference_package(model_type: str):
     (its own predictor and registry, where the model is "vit_t")."""
     import importlib
 
-    tiny_vit = sam_jax.get_config(model_type).encoder_type == "tiny_vit"
-    return importlib.import_module("mobile_sam" if tiny_vit else "segment_anything")
+    cfg = sam_jax.get_config(model_type)
+    if cfg.hq:
+        return importlib.import_module("segment_anything_hq")
+    return importlib.import_module("mobile_sam" if cfg.encoder_type == "tiny_vit" else "segment_anything")
 
 
-REGISTRY_NAMES = {"mobile_sam": "vit_t"}  # the reference registries' names, where they differ
+# The reference registries' names, where they differ.
+REGISTRY_NAMES = {"mobile_sam": "vit_t", "sam_hq_vit_b": "vit_b", "sam_hq_vit_l": "vit_l", "sam_hq_vit_h": "vit_h"}
 
 
 def build(model_type: str, workdir: str, official_config: OfficialConfig = OfficialConfig()):
@@ -344,7 +348,9 @@ def print_table(results: List[Dict[str, Any]]) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "mobile_sam"])
+    p.add_argument(
+        "--model", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "mobile_sam", "sam_hq_vit_b", "sam_hq_vit_l"]
+    )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--image", default="coffee", help="a skimage.data photo name (default coffee, 400x600)")
     p.add_argument(
