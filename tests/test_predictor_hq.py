@@ -80,8 +80,10 @@ def test_hq_token_only_needs_sam_hq(tiny, tiny_hq):
     assert features.shape == (1, c.mask_input_size, c.mask_input_size, c.prompt_embed_dim // 8)
 
 
-def test_automatic_mask_generation_refuses_sam_hq_clearly(tiny_hq):
+def test_generate_from_embedding_refuses_sam_hq_clearly(tiny_hq):
     from sam_jax import SamAutomaticMaskGenerator
 
-    with pytest.raises(ValueError, match="model is SAM-HQ .*not yet SAM-HQ; use SamPredictor.predict_batch"):
-        SamAutomaticMaskGenerator(tiny_hq.model, tiny_hq.params)
+    amg = SamAutomaticMaskGenerator(tiny_hq.model, tiny_hq.params)
+    emb = np.zeros((1, 10, 10, 48), np.float32)
+    with pytest.raises(ValueError, match="a SAM-HQ model also needs the image's HQ features"):
+        amg.generate_from_embedding(emb, (100, 120))

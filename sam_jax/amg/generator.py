@@ -73,13 +73,6 @@ class SamAutomaticMaskGenerator:
     ) -> None:
         if not isinstance(model, Sam):
             raise TypeError(f"model must be a sam_jax.Sam, got {type(model).__name__}")
-        if model.config.hq:
-            # SAM-HQ decodes one mask per point (three in SAM), with per-crop HQ features: the
-            # pipeline's decode and filter jobs do not carry them yet.
-            raise ValueError(
-                "model is SAM-HQ (config.hq): automatic mask generation supports SAM and MobileSAM, not yet "
-                "SAM-HQ; use SamPredictor.predict_batch with a grid of points"
-            )
         a = check_generator_args(
             points_per_side=points_per_side,
             points_per_batch=points_per_batch,
@@ -152,6 +145,11 @@ class SamAutomaticMaskGenerator:
         `get_image_embedding()`; `original_size` is the image's (H, W)."""
         if self.crop_n_layers != 0:
             raise ValueError("generate_from_embedding needs crop_n_layers=0: crops need their own embeddings")
+        if self.model.config.hq:
+            raise ValueError(
+                "generate_from_embedding: a SAM-HQ model also needs the image's HQ features, which an "
+                "embedding does not carry; use generate(image)"
+            )
         size = _check_size(original_size)
         emb = _check_embedding(image_embedding, self.model.config.embedding_size, self.model.config.prompt_embed_dim)
         jobs = self._jobs([size])

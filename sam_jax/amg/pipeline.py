@@ -6,10 +6,11 @@ A *job* is one crop of one image (the whole image is the layer-0 crop). Jobs run
 program a single-device run would (results do not depend on the device count).
 
 Per job, on the device:
-  encode   uint8 (S, S, 3) crop resized into the model frame -> embedding (1, e, e, C);
-  decode   one batch of B grid points -> IoU (B * 3,) and, for points with a mask above the
-           IoU threshold only, low-res logits (B * 3, L, L) (`Sam.decode_tokens`, then
-           `Sam.decode_masks` for those points);
+  encode   uint8 (S, S, 3) crop resized into the model frame -> embedding (1, e, e, C) (SAM-HQ:
+           with the crop's HQ features);
+  decode   one batch of B grid points -> IoU (B * k,) and, for points with a mask above the
+           IoU threshold only, low-res logits (B * k, L, L) (`Sam.decode_tokens`, then
+           `Sam.decode_masks` for those points); k = 3 masks per point (SAM-HQ: 1);
   filter   IoU filter BEFORE upsampling; survivors upsampled to the crop's full resolution in
            chunks of K masks (fixed shapes, validity-masked padding) and reduced to stability
            score, area and box; stability and crop-edge filters. Only indices and stats leave;
@@ -26,7 +27,7 @@ indices of the CROP; `crop_box` is [x0, y0, x1, y1] of the crop in the image; si
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ..backend import jit_tuned
-from ..functional import encode_images
+from ..functional import encode_images, encode_images_hq
 from ..modeling import Sam, image_context
 from ..transforms import upscale_masks
 from . import ops
@@ -92,9 +93,17 @@ def replicate(x: Any, mesh: Mesh) -> Any:
 # --- one-job stages ---
 
 
-def encode_job(model: Sam, params, image: jax.Array, size: jax.Array) -> jax.Array:
-    """uint8 (S, S, 3) crop resized into the model frame, its (h, w) -> embedding (1, e, e, C)."""
+def encode_job(model: Sam, params, image: jax.Array, size: jax.Array) -> Any:
+    """uint8 (S, S, 3) crop resized into the model frame, its (h, w) -> embedding (1, e, e, C);
+    SAM-HQ: (embedding, HQ features (1, 4e, 4e, C/8)), what `decode_job` takes."""
+    if model.config.hq:
+        return encode_images_hq(model, params, image[None], size[None])
     return encode_images(model, params, image[None], size[None])
+
+
+def masks_per_point(model: Sam) -> int:
+    """Masks the generator decodes per grid point (multimask): 3, or SAM-HQ's 1."""
+    return 1 if model.config.hq else model.config.num_multimask_outputs
 
 
 def decode_tokens(
@@ -102,9 +111,9 @@ def decode_tokens(
 ) -> Tuple[jax.Array, jax.Array, jax.Array]:
     """`Sam.decode_tokens` for B single foreground points (B, 2) in the model frame against one
     embedding (1, e, e, C), multimask: IoU (B, 3), hypernetwork outputs (B, 3, C/8) and image
-    tokens (B, e, e, C). Layer 0's image side is projected once for the batch
-    (`modeling.image_context`), not once per point."""
-    pe = model.apply({"params": params}, method=Sam.get_dense_pe)
+    tokens (B, e, e, C) (SAM-HQ: IoU (B, 1), hypernetwork outputs (B, 2, C/8)). Layer 0's image
+    side is projected once for the batch (`modeling.image_context`), not once per point."""
+    pe = model.apply({"params": params}, method="get_dense_pe")
     context = image_context(params, embedding, pe, model.config.decoder_num_heads)
     b = coords.shape[0]
     return model.apply(
@@ -115,38 +124,45 @@ def decode_tokens(
         multimask_output=True,
         image_context=context,
         image_pe=pe,
-        method=Sam.decode_tokens,
+        method="decode_tokens",
     )
 
 
-def decode_masks(model: Sam, params, image_tokens: jax.Array, hyper: jax.Array) -> jax.Array:
+def decode_masks(
+    model: Sam, params, image_tokens: jax.Array, hyper: jax.Array, hq_features: Optional[jax.Array] = None
+) -> jax.Array:
     """`Sam.decode_masks`: rows of `decode_tokens`' image tokens (K, e, e, C) and hypernetwork
-    outputs (K, 3, C/8) -> low-res logits (K, 3, L, L) float32."""
-    return model.apply({"params": params}, image_tokens, hyper, method=Sam.decode_masks)
+    outputs (K, 3, C/8) -> low-res logits (K, 3, L, L) float32 (SAM-HQ: with the crop's HQ
+    features, SAM's mask + the HQ mask, (K, 1, L, L), as SAM-HQ's generator asks its predictor)."""
+    if hq_features is None:
+        return model.apply({"params": params}, image_tokens, hyper, method="decode_masks")
+    return model.apply({"params": params}, image_tokens, hyper, hq_features, method="decode_masks")
 
 
 def decode_job(
-    model: Sam, thresholds: jax.Array, params, embedding: jax.Array, coords: jax.Array, valid: jax.Array, *, chunk: int
+    model: Sam, thresholds: jax.Array, params, embedding: Any, coords: jax.Array, valid: jax.Array, *, chunk: int
 ) -> Tuple[jax.Array, jax.Array]:
     """B single foreground points (B, 2) in the model frame, valid (B,) -> low-res logits
-    (B * 3, L, L) and IoU predictions (B * 3,), point-major (the official `flatten(0, 1)`).
+    (B * k, L, L) and IoU predictions (B * k,), point-major (the official `flatten(0, 1)`); k is
+    `masks_per_point`. embedding: `encode_job`'s output (SAM-HQ: with the crop's HQ features).
 
     The transformer runs for every point (IoU predictions need it), but the output upscaling only
     for points with a mask above the IoU threshold, `chunk` points at a time: the other points'
     logits stay 0 and are never read, since the filter drops their masks.
     """
     b = coords.shape[0]
+    embedding, hq_features = embedding if model.config.hq else (embedding, None)
     iou, hyper, tokens = decode_tokens(model, params, embedding, coords)
     need = valid & jnp.any((iou > thresholds[0]) | (thresholds[0] <= 0.0), axis=1)
     order, n = ops.compact_order(need)
     order = jnp.concatenate([order, jnp.full((chunk,), b, jnp.int32)])  # b: out of range, dropped
     mask_side = model.config.mask_input_size
-    low = jnp.zeros((b, hyper.shape[1], mask_side, mask_side), jnp.float32)
+    low = jnp.zeros((b, iou.shape[1], mask_side, mask_side), jnp.float32)
 
     def body(c, low):
         idx = jax.lax.dynamic_slice(order, (c * chunk,), (chunk,))
         safe = jnp.minimum(idx, b - 1)
-        part = decode_masks(model, params, tokens[safe], hyper[safe])
+        part = decode_masks(model, params, tokens[safe], hyper[safe], hq_features)
         return low.at[jnp.where(jnp.arange(chunk) + c * chunk < n, idx, b)].set(part, mode="drop")
 
     low = jax.lax.fori_loop(0, (n + chunk - 1) // chunk, body, low)
@@ -173,7 +189,8 @@ def filter_job(
       thresholds: float32 (3,) [pred_iou_thresh, stability_score_thresh, stability_score_offset];
         a threshold <= 0 disables its filter, as officially.
       low: (M, L, L) logits; iou: (M,); valid: (M,) bool (False for the padding of the last batch);
-      base: int32 () mask id of low[0] (point index * 3 + mask index over the whole crop).
+      base: int32 () mask id of low[0] (point index * k + mask index over the whole crop, k the
+        `masks_per_point`).
       rows, cols: `transforms.mask_upscale_taps` of the crop, padded to (Hp,) / (Wp,).
       crop_hw: int32 (2,) the crop's (h, w); crop_box: int32 (4,); orig_hw: int32 (2,) image (H, W).
       chunk: static K, masks upsampled at once ((K, Hp, Wp) float32 is the memory high-water mark).

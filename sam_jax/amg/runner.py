@@ -183,7 +183,8 @@ class Runner:
         for i, j in enumerate(jobs):
             coords[i, :n_points] = model_frame_coords(j.points, j.crop_hw, s)
             valid[i, :n_points] = True
-        m = 3 * b
+        k = pl.masks_per_point(model)
+        m = k * b
         chunk = max(1, min(m, CHUNK_PIXELS // (hp * wp)))
         dchunk = min(b, DECODE_CHUNK)
         # The decoder's small dots run better on XLA's own fusions (see backend.CPU_XLA_OPTIONS).
@@ -192,7 +193,7 @@ class Runner:
         append = pl.sharded(("append",), pl.append_job, mesh, 0, donate=(0,))
         thresholds = pl.replicate(self.thresholds, mesh)
 
-        cap = min(3 * n_batches * b, INITIAL_CAPACITY_BATCHES * m)
+        cap = min(k * n_batches * b, INITIAL_CAPACITY_BATCHES * m)
         bufs = pl.put(
             jax.tree_util.tree_map(lambda x: np.stack([x] * size), pl.empty_buffers(cap, self.low_size)), mesh
         )
@@ -200,14 +201,14 @@ class Runner:
         for bi in range(n_batches):
             sl = slice(bi * b, (bi + 1) * b)
             low, iou = decode(thresholds, params, emb, pl.put(coords[:, sl], mesh), pl.put(valid[:, sl], mesh))
-            base = pl.put(np.full(size, 3 * bi * b, np.int32), mesh)
+            base = pl.put(np.full(size, k * bi * b, np.int32), mesh)
             out = filt(
-                thresholds, low, iou, pl.put(np.repeat(valid[:, sl], 3, axis=1), mesh), base, rows_d, cols_d, *geo
+                thresholds, low, iou, pl.put(np.repeat(valid[:, sl], k, axis=1), mesh), base, rows_d, cols_d, *geo
             )
             if bound + m > cap:
                 bound = int(np.max(np.asarray(bufs["count"])))
                 if bound + m > cap:
-                    cap = min(3 * n_batches * b, 1 << math.ceil(math.log2(bound + m)))
+                    cap = min(k * n_batches * b, 1 << math.ceil(math.log2(bound + m)))
                     grow = pl.sharded(("grow", cap), partial(pl.grow_job, cap=cap), mesh, 0)
                     bufs = grow(bufs)
             bufs = append(bufs, low, out)
@@ -233,7 +234,7 @@ class Runner:
                     stab=host["stab"][i, slots],
                     box=host["box"][i, slots].astype(np.int64),
                     area=host["area"][i, slots].astype(np.int64),
-                    point=host["src"][i, slots].astype(np.int64) // 3,
+                    point=host["src"][i, slots].astype(np.int64) // k,
                     slots=np.arange(len(slots), dtype=np.int32),
                     low=shards[i],
                     tables=(rows[i], cols[i]),
