@@ -33,3 +33,8 @@ __all__ += ["SamPredictor", "decode_prompts", "encode_images", "prepare_images"]
 from .amg import SamAutomaticMaskGenerator  # noqa: E402
 
 __all__ += ["SamAutomaticMaskGenerator"]
+
+# Post-training int8 quantization (issue 27) through qwix, imported when called.
+from .quantize import quantize  # noqa: E402
+
+__all__ += ["quantize"]

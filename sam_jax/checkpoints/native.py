@@ -31,25 +31,42 @@ def write_safetensors(path: str | os.PathLike, tensors: Dict[str, np.ndarray], m
         save_file(tensors, tmp, metadata=metadata)
 
 
-def save(path: str | os.PathLike, params: Params, config: SamConfig | str, *, source: str | None = None) -> None:
+def save(path: str | os.PathLike, params: Params, config: SamConfig | str | Sam, *, source: str | None = None) -> None:
     """Writes params as one safetensors file; metadata records the model type and full config (and
-    `source`, where the weights came from, when given). Every file `save` writes loads: params that
-    are not a params tree (TypeError) or do not fit the config's model (ValueError, naming the
-    keys) are refused before anything is written, and a PATH that cannot be written (a folder, a
-    folder that does not exist: OSError) leaves nothing behind, not even a temporary."""
+    `source`, where the weights came from, when given). Quantized params (`sam_jax.quantize`) are
+    saved with their model as `config`: int8 kernels and float32 scales, the metadata's
+    "quantization" records the mode and layers, and `load` returns the quantized model (no torch
+    needed). Every file `save` writes loads: params that are not a params tree (TypeError) or do
+    not fit the config's model (ValueError, naming the keys) are refused before anything is
+    written, and a PATH that cannot be written (a folder, a folder that does not exist: OSError)
+    leaves nothing behind, not even a temporary."""
+    from ..quantize import from_tensors, is_quantized, quantization_of, to_tensors  # qwix: when quantized
+
+    quantization = quantization_of(config)  # a quantized model passed as `config`
+    if isinstance(config, Sam):
+        config = config.config
     config = get_config(config)
     if not isinstance(params, Mapping):
         raise TypeError(
             f"params must be the nested dict of arrays that load and init_params return, got {params!r:.60}"
         )
-    check_params(params, build_sam(config), "params")
-    flat = {k: np.ascontiguousarray(np.asarray(v)) for k, v in flatten_params(params).items()}
+    if is_quantized(params=params):
+        if quantization is None:
+            raise ValueError("params are quantized: pass the quantized model as config, save(path, qparams, qmodel)")
+        tensors = to_tensors(params)
+        from_tensors(build_sam(config), tensors, quantization)  # refuses params that do not fit
+    else:
+        check_params(params, build_sam(config), "params")
+        tensors = flatten_params(params)
+    flat = {k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()}
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model_type": preset_name(config) or "custom",
         "config": config.to_json(),
     }
+    if is_quantized(params=params):
+        meta["quantization"] = json.dumps(quantization)
     if source is not None:
         meta["source"] = source
     write_safetensors(path, flat, meta)
@@ -73,6 +90,15 @@ def read(path: str, meta: Dict[str, str]) -> Tuple[Sam, Params]:
         flat = load_file(path)
     except (SafetensorError, OSError, ValueError, TypeError) as e:  # TypeError: a dtype numpy lacks
         raise ValueError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
+    if "quantization" in meta:  # int8 kernels: `quantize.from_tensors` checks every tensor
+        from ..quantize import from_tensors
+
+        try:
+            quantization = json.loads(meta["quantization"])
+            check_depths(config, len(flat))
+            return from_tensors(build_sam(config), flat, quantization)
+        except ValueError as e:
+            raise ValueError(f"{path}: {first_line(e)}") from None
     not_float = sorted(k for k, v in flat.items() if not jnp.issubdtype(v.dtype, jnp.floating))
     if not_float:
         more = f" (and {len(not_float) - 1} more tensors)" if len(not_float) > 1 else ""
