@@ -78,9 +78,11 @@ def _rel(a, b) -> float:
     return float(np.max(np.abs(a - b) / np.maximum(np.abs(a), 1.0)))
 
 
-def compare(name: str, official: List[dict], ours: List[dict]) -> Dict[str, float]:
+def compare(name: str, official: List[dict], ours: List[dict], stab_pixel: bool = False) -> Dict[str, float]:
     """Matches every official record to ours (same generating point and crop, best mask IoU) and
-    asserts the acceptance criteria; returns the figures."""
+    asserts the acceptance criteria; returns the figures. stab_pixel: a stability score may also
+    differ by what ONE pixel more or less above the offset makes (|d stab| <= stab / area: counts
+    of ~area pixels), for small masks where that is more than REL_TOL (see test_tiny_hq_parity)."""
     assert abs(len(ours) - len(official)) <= COUNT_TOL * max(len(official), 1), (len(official), len(ours))
     by_key: Dict[Tuple, List[int]] = {}
     for j, r in enumerate(ours):
@@ -103,7 +105,12 @@ def compare(name: str, official: List[dict], ours: List[dict]) -> Dict[str, floa
         figs["min_iou"] = min(figs["min_iou"], max(ious))
         q = ours[j]
         for key, fig in (("predicted_iou", "iou"), ("stability_score", "stab"), ("area", "area"), ("bbox", "bbox")):
-            figs[fig] = max(figs[fig], _rel(r[key], q[key]))
+            rel = _rel(r[key], q[key])
+            if fig == "stab" and stab_pixel and rel > REL_TOL:
+                pixels = abs(r[key] - q[key]) * r["area"] / r[key]  # the count change it implies
+                assert pixels <= 1.5, (name, i, pixels)
+                rel = 0.0  # within one pixel: counted as equal
+            figs[fig] = max(figs[fig], rel)
     FIGURES[name] = figs
     assert figs["min_iou"] >= MIN_IOU, figs
     for fig in ("iou", "stab", "area", "bbox"):
@@ -141,7 +148,12 @@ FULL_SIZE_CASES = {
 # and settings of their own: randomised MobileSAM's logits are small, so at the default
 # stability offset of 1.0 its stability scores are 0.004-0.08 (5th-95th percentile, coffee) and
 # no mask survives; at 0.05, as for tiny below, they are 0.83-0.90.
-FULL_SIZE = {"vit_b": ("segment_anything", {}), "mobile_sam": ("mobile_sam", dict(stability_score_offset=0.05))}
+FULL_SIZE = {
+    "vit_b": ("segment_anything", {}),
+    "mobile_sam": ("mobile_sam", dict(stability_score_offset=0.05)),
+    # Randomised SAM-HQ vit_b: stability at offset 1.0 is 0.17-0.23 (coffee), under 0.3.
+    "sam_hq_vit_b": ("segment_anything_hq", dict(stability_score_thresh=0.15)),
+}
 
 
 @pytest.mark.full  # the model is asked for by name, which conftest's automatic marking cannot see
@@ -207,6 +219,30 @@ def test_tiny_parity(tiny, case):
     compare(f"tiny {case}", official, _ours(tiny, **kw).generate(image))
 
 
+@pytest.mark.parametrize(
+    "case",
+    [
+        # A small grid with crops in the daily tier: SAM-HQ's one mask per point through every stage.
+        pytest.param("chelsea/crop1", id="chelsea/crop1"),
+        pytest.param("coffee/all", id="coffee/all", marks=pytest.mark.full),
+        pytest.param("rocket_gray/filters", id="rocket_gray/filters", marks=pytest.mark.full),
+    ],
+)
+def test_tiny_hq_parity(tiny_hq, case):
+    """SAM-HQ against SAM-HQ's own generator (one mask per point: SAM's best + the HQ mask).
+
+    Stability is compared to one pixel (`compare`'s stab_pixel): on rocket_gray/filters (offset
+    0.05, 256 x 171 pixels) one of 36 masks, of 5,825 pixels, has one pixel more above the offset
+    on one side (measured: stability 0.90020 vs 0.90036, 1.05 pixels' worth): a logit within float
+    rounding of the 0.05 threshold, where one pixel of so small a mask is 1.7e-4 of its count.
+    Counts, areas, boxes and predicted IoUs are held to the usual bounds."""
+    photo, kw = TINY_CASES[case]
+    image = PHOTOS[photo]()
+    official = _official(tiny_hq.torch_model, "segment_anything_hq", **kw).generate(_rgb(image))
+    assert len(official) >= 2
+    compare(f"tiny_hq {case}", official, _ours(tiny_hq, **kw).generate(image), stab_pixel=True)
+
+
 def test_no_mask_with_crops_is_an_empty_list(tiny):
     """The official generator raises IndexError when crop_n_layers > 0 and no mask survives
     (`box_area` of an empty 1-D tensor); ours returns no records."""
@@ -266,7 +302,7 @@ def synthetic_decoders(official_generator, monkeypatch, image_size: int, side: i
         hyper = jnp.broadcast_to(jnp.stack([px, py], -1)[:, None, :], (coords.shape[0], 3, 2))
         return _synthetic_iou(px, py, jnp), hyper, jnp.zeros((coords.shape[0], 1, 1, 1))
 
-    def upscale(model, params, image_tokens, hyper):
+    def upscale(model, params, image_tokens, hyper, hq_features=None):
         k = jnp.arange(3)[None, :]
         return _synthetic_low(hyper[..., 0], hyper[..., 1], k, side, image_size, jnp)
 
