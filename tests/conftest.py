@@ -1,9 +1,9 @@
 """Shared fixtures: randomised official checkpoints, converted by the real converter; the test tiers.
 
-Tiers: a test that requests a full-size model (the `vit_b` / `vit_l` / `vit_h` fixtures below) is
+Tiers: a test that requests a full-size model (the `FULL_SIZE_FIXTURES` below) is
 marked `full` here; long runs and the costlier variants of a check the daily tier already makes
 carry an explicit `full` mark, with their measured cost. `python -m pytest` runs everything;
-`python -m pytest -m "not full"` is the daily tier (a few minutes on 2 cores). torch is imported
+`python -m pytest -m "not full" -n 2` is the daily tier (about four minutes on 2 cores). torch is imported
 only by the fixtures that build the official reference, so the suite collects without it.
 """
 
