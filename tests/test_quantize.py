@@ -19,6 +19,7 @@ from flax import traverse_util
 import sam_jax
 from sam_jax import functional as F
 from sam_jax.quantize import DEFAULT_LAYERS, MODES, is_quantized, param_bytes, quantize
+from tests.test_predictor_parity import prompts
 
 FIGURES: Dict[str, Dict[str, float]] = {}
 
@@ -208,21 +209,6 @@ def _photos():
     }
 
 
-def _prompts(h: int, w: int):
-    box = np.array([0.2 * w, 0.25 * h, 0.7 * w, 0.8 * h])
-    return {
-        "one point": dict(point_coords=np.array([[0.45 * w, 0.55 * h]]), point_labels=np.array([1])),
-        "4 points +-": dict(
-            point_coords=np.array([[0.3 * w, 0.3 * h], [0.6 * w, 0.4 * h], [0.5 * w, 0.7 * h], [0.1 * w, 0.9 * h]]),
-            point_labels=np.array([1, 0, 1, 0]),
-        ),
-        "box": dict(box=box),
-        "box + 2 points": dict(
-            box=box, point_coords=np.array([[0.4 * w, 0.5 * h], [0.65 * w, 0.3 * h]]), point_labels=np.array([1, 0])
-        ),
-    }
-
-
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.sum(a | b)
     return 1.0 if union == 0 else float(np.sum(a & b) / union)
@@ -252,7 +238,7 @@ def test_vit_b_against_official_fp32(vit_b, mode):
         got = ours.get_image_embedding()
         emb_errs.append(float(np.mean(np.abs(got - want)) / np.std(want)))
         h, w = image.shape[:2]
-        for kw in _prompts(h, w).values():
+        for kw in prompts(h, w).values():
             ref_masks, _, ref_low = official.predict(**kw, multimask_output=True)
             masks, _, low = ours.predict(**kw, multimask_output=True)
             logit_errs.append(float(np.mean(np.abs(low - ref_low)) / np.std(ref_low)))
