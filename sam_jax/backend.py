@@ -112,7 +112,7 @@ def staging_pays(config: Any = None) -> bool:
     returns the tokens after its first global block). Elsewhere one jit is the choice."""
     if config is not None and (config.encoder_type != "vit" or config.hq):
         return False  # SAM-HQ also needs the tokens after the first global block: one jit for now
-    return jax.default_backend() == "cpu" and cpu_compiler_options() is not None
+    return _cpu_options_known()
 
 
 def encoder_runs_tuned(config: Any) -> bool:
@@ -121,7 +121,12 @@ def encoder_runs_tuned(config: Any) -> bool:
     attentions run better on XLA's own fusions. Measured 2026-12-05, jax 0.10.2, the 2-core EPYC
     above with nothing else running, random mobile_sam params, 1024 x 1024, 7 interleaved rounds:
     XLA's defaults median 1.25 s, CPU_XLA_OPTIONS 0.87 s (per-round ratio 0.67 - 0.71)."""
-    return config.encoder_type == "tiny_vit" and jax.default_backend() == "cpu" and cpu_compiler_options() is not None
+    return config.encoder_type == "tiny_vit" and _cpu_options_known()
+
+
+def _cpu_options_known() -> bool:
+    """XLA:CPU runs the model, and this XLA knows `CPU_XLA_OPTIONS`."""
+    return jax.default_backend() == "cpu" and cpu_compiler_options() is not None
 
 
 def _encoder_stage(model: Any, params: Any, x: jax.Array, start: int, stop: int) -> jax.Array:

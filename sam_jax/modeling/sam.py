@@ -221,19 +221,17 @@ class Sam(nn.Module):
         self, images, point_coords=None, point_labels=None, boxes=None, mask_inputs=None, multimask_output: bool = True
     ):
         """encode_image (SAM-HQ: encode_image_hq) then decode."""
-        if self.config.hq:
-            emb, hq_features = self.encode_image_hq(images)
-        else:
-            emb, hq_features = self.encode_image(images), None
+        emb, hq_features = self._encode_for_decode(images)
         return self.decode(
             emb, point_coords, point_labels, boxes, mask_inputs, multimask_output, hq_features=hq_features
         )
 
+    def _encode_for_decode(self, images: jax.Array) -> Tuple[jax.Array, Optional[jax.Array]]:
+        """(embeddings, HQ features or None): what `decode` needs of the images, for either model."""
+        return self.encode_image_hq(images) if self.config.hq else (self.encode_image(images), None)
+
     def init_all(self, images, point_coords, point_labels, boxes, mask_inputs):
         """Touches every parameter (a mask prompt, and no mask prompt): `init` goes through here."""
-        if self.config.hq:
-            emb, hq_features = self.encode_image_hq(images)
-        else:
-            emb, hq_features = self.encode_image(images), None
+        emb, hq_features = self._encode_for_decode(images)
         self.decode(emb, point_coords, point_labels, boxes, mask_inputs, hq_features=hq_features)
         return self.decode(emb, hq_features=hq_features)
