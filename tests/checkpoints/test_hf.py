@@ -30,22 +30,23 @@ from tests import reference
 
 
 def _import_transformers():
-    """transformers would take tests/reference/torchvision_standin for torchvision and fail on names the
-    stand-in lacks. Its availability check is cached: run it (and the SAM import) with the
-    stand-in hidden, so transformers settles on "no torchvision", then put the stand-in back."""
-    paths = [p for p in sys.path if os.path.abspath(p) == reference.STANDIN]
-    mods = {k: sys.modules.pop(k) for k in list(sys.modules) if k.split(".")[0] == "torchvision"}
-    for p in paths:
-        sys.path.remove(p)
+    """transformers imports torchvision when it finds one: the stand-in (tests/reference) lacks the
+    names it wants, and PyPI's torchvision, which the test extra pulls in, does not load against the
+    CPU torch. Its availability check is cached: run it (and the SAM import) with torchvision marked
+    unimportable (None in sys.modules, which find_spec reports as absent), so transformers settles on
+    "no torchvision", then put back what was there."""
+    saved = {k: sys.modules.pop(k) for k in list(sys.modules) if k.split(".")[0] == "torchvision"}
+    sys.modules["torchvision"] = None
     try:
         import transformers
         from transformers.utils import import_utils
 
-        import_utils.is_torchvision_available()
+        if import_utils.is_torchvision_available():
+            raise RuntimeError("transformers still sees torchvision: its availability check changed")
         return transformers, transformers.SamConfig, transformers.SamModel
     finally:
-        sys.path[:0] = paths
-        sys.modules.update(mods)
+        del sys.modules["torchvision"]
+        sys.modules.update(saved)
 
 
 transformers, HFSamConfig, HFSamModel = _import_transformers()
