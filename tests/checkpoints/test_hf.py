@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -29,27 +28,8 @@ from sam_jax.checkpoints.hf import (
 from tests import reference
 
 
-def _import_transformers():
-    """transformers imports torchvision when it finds one: the stand-in (tests/reference) lacks the
-    names it wants, and PyPI's torchvision, which the test extra pulls in, does not load against the
-    CPU torch. Its availability check is cached: run it (and the SAM import) with torchvision marked
-    unimportable (None in sys.modules, which find_spec reports as absent), so transformers settles on
-    "no torchvision", then put back what was there."""
-    saved = {k: sys.modules.pop(k) for k in list(sys.modules) if k.split(".")[0] == "torchvision"}
-    sys.modules["torchvision"] = None
-    try:
-        import transformers
-        from transformers.utils import import_utils
-
-        if import_utils.is_torchvision_available():
-            raise RuntimeError("transformers still sees torchvision: its availability check changed")
-        return transformers, transformers.SamConfig, transformers.SamModel
-    finally:
-        del sys.modules["torchvision"]
-        sys.modules.update(saved)
-
-
-transformers, HFSamConfig, HFSamModel = _import_transformers()
+transformers = reference.import_transformers()
+HFSamConfig, HFSamModel = transformers.SamConfig, transformers.SamModel
 TRANSFORMERS_VERSION = "5.23.0"  # the version these names were verified against (pyproject pins it)
 
 

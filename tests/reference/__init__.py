@@ -27,6 +27,27 @@ torch.backends.cudnn.allow_tf32 = False
 HYPERNET_OUT_SCALE = 1.0
 
 
+def import_transformers():
+    """`transformers`, with its SAM models importable. transformers imports torchvision when it finds
+    one: the stand-in lacks the names it wants, and PyPI's torchvision, which the test extra pulls in,
+    does not load against the CPU torch. Its availability check is cached: run it (and the SAM
+    imports) with torchvision marked unimportable (None in sys.modules, which find_spec reports as
+    absent), so transformers settles on "no torchvision", then put back what was there."""
+    saved = {k: sys.modules.pop(k) for k in list(sys.modules) if k.split(".")[0] == "torchvision"}
+    sys.modules["torchvision"] = None
+    try:
+        import transformers
+        from transformers.utils import import_utils
+
+        if import_utils.is_torchvision_available():
+            raise RuntimeError("transformers still sees torchvision: its availability check changed")
+        transformers.SamModel, transformers.SamHQModel  # noqa: B018  (import them now, while hidden)
+        return transformers
+    finally:
+        del sys.modules["torchvision"]
+        sys.modules.update(saved)
+
+
 def official_sam(cfg: SamConfig):
     """The official `Sam` for a config, as `build_sam._build_sam` assembles it; for a "tiny_vit"
     encoder, MobileSAM's (`mobile_sam`, as its `build_sam_vit_t` assembles it); for SAM-HQ
