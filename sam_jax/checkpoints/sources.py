@@ -9,7 +9,7 @@ case that needs torch).
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -24,18 +24,31 @@ from .official import convert_state_dict, describe, read_pth
 
 
 def load_source(src: str, model_type: Any = "auto") -> Tuple[SamConfig, Dict[str, Any]]:
-    """Any supported SRC -> (SamConfig, nested params). Raises ConversionError.
+    """Any supported SRC -> (SamConfig, nested params). Raises ConversionError, also for a sam_jax
+    file of quantized weights (`sam_jax.quantize`): what reads SRC here converts float weights.
 
     `model_type` ("auto", a preset name or a SamConfig) is checked against what SRC holds. A name
     (`vit_b`, a Hugging Face id) is fetched into the weights cache first (`named`).
     """
+    from ..quantize import quantization_of  # qwix itself is not imported
+
+    model, config, params = _read(src, model_type)
+    if model is not None and quantization_of(model) is not None:
+        mode = quantization_of(model)["mode"]
+        raise ConversionError(f"{src}: holds quantized weights ({mode}); only float weights convert")
+    return config, params
+
+
+def _read(src: str, model_type: Any) -> Tuple[Optional[Sam], SamConfig, Dict[str, Any]]:
+    """`load_source`'s reading: (the file's model for a sam_jax file, else None; config; params).
+    The model of a sam_jax file is the quantized one when the file holds quantized weights."""
     try:
         _check_model_type(model_type)
         src = resolve(src)
     except (ValueError, TypeError) as e:
         raise ConversionError(str(e)) from None
     if os.path.isdir(src):
-        return load_hf(src, model_type)
+        return (None, *load_hf(src, model_type))
     if not os.path.isfile(src):
         raise ConversionError(f"{src}: no such file or folder ({named.describe_known()})")
     if src.endswith(".safetensors") or native.is_safetensors(src):  # the content tells, whatever the name
@@ -51,12 +64,12 @@ def load_source(src: str, model_type: Any = "auto") -> Tuple[SamConfig, Dict[str
                 raise ConversionError(
                     f"{src}: model type {name} does not match the file, which holds {describe(config)}"
                 )
-            return config, own[1]
+            return own[0], config, own[1]
         state = read_safetensors(src)[0]
     else:
         state = read_pth(src)
     convert = convert_hf_state_dict if is_hf_layout(state) else convert_state_dict
-    return convert(state, model_type)
+    return (None, *convert(state, model_type))
 
 
 def _check_model_type(model_type: Any) -> None:
@@ -124,8 +137,9 @@ def load(path: str | os.PathLike, model_type: Any = "auto") -> Tuple[Sam, Params
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such weights file or folder: {path} ({named.describe_known()})")
     try:
-        config, params = load_source(path, model_type)
+        model, config, params = _read(path, model_type)
     except ConversionError as e:
         message = str(e)
         raise ValueError(message if message.startswith(path) else f"{path}: {message}") from None
-    return build_sam(config), jax.tree_util.tree_map(jnp.asarray, params)
+    # A sam_jax file's own model: the quantized one (`sam_jax.quantize`) for quantized weights.
+    return model if model is not None else build_sam(config), jax.tree_util.tree_map(jnp.asarray, params)

@@ -1,5 +1,5 @@
 """`sam-jax` command line: `sam-jax segment ...`, `sam-jax amg ...`, `sam-jax convert ...`,
-`sam-jax weights ...`, `sam-jax demo ...`.
+`sam-jax weights ...`, `sam-jax demo ...`, `sam-jax quantize ...`.
 
 One module per subcommand, each with `build_parser(prog)` and `main(argv, prog) -> exit status`;
 `common` holds what they share (parser, one-line errors, image reader).
@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
-from . import amg, convert, demo, segment, weights
+from . import amg, convert, demo, quantize, segment, weights
 
 COMMANDS = {
     "convert": convert.main,
@@ -18,8 +18,9 @@ COMMANDS = {
     "amg": amg.main,
     "weights": weights.main,
     "demo": demo.main,
+    "quantize": quantize.main,
 }
-USAGE = "usage: sam-jax {convert,segment,amg,weights,demo} ...  (sam-jax COMMAND --help for details)"
+USAGE = "usage: sam-jax {convert,segment,amg,weights,demo,quantize} ...  (sam-jax COMMAND --help for details)"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
