@@ -18,7 +18,7 @@ from sam_jax import backend
 from sam_jax.modeling import image_context
 from sam_jax.modeling.image_encoder import ImageEncoderViT
 from sam_jax.modeling.mask_decoder import MaskDecoder
-from tests.reference import max_rel_err, randomise_, to_nchw, to_nhwc
+from tests.reference import mask_decoder, max_rel_err, randomise_, to_nchw, to_nhwc
 from tests.reference.hq import (
     HQ_DECODER_CONV_TRANSPOSE,
     flax_params,
@@ -229,18 +229,7 @@ def test_param_trees():
     from segment_anything.modeling import TwoWayTransformer
 
     cfg, vit_dim = CONFIGS["tiny"]
-    official = OfficialMaskDecoder(
-        num_multimask_outputs=cfg.num_multimask_outputs,
-        transformer=TwoWayTransformer(
-            depth=cfg.decoder_depth,
-            embedding_dim=cfg.prompt_embed_dim,
-            mlp_dim=cfg.decoder_mlp_dim,
-            num_heads=cfg.decoder_num_heads,
-        ),
-        transformer_dim=cfg.prompt_embed_dim,
-        iou_head_depth=cfg.iou_head_depth,
-        iou_head_hidden_dim=cfg.iou_head_hidden_dim,
-    )
+    official = mask_decoder(OfficialMaskDecoder, TwoWayTransformer, cfg)
     sam = _shapes(_decoder(cfg, False), cfg)
     flax_params(randomise_(official, 0).state_dict(), sam, frozenset({"output_upscaling.0", "output_upscaling.3"}))
     hq = _shapes(_decoder(cfg, True, vit_dim), cfg, vit_dim)

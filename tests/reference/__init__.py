@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from functools import partial
 
 import numpy as np
 import torch
@@ -52,8 +53,6 @@ def official_sam(cfg: SamConfig):
     """The official `Sam` for a config, as `build_sam._build_sam` assembles it; for a "tiny_vit"
     encoder, MobileSAM's (`mobile_sam`, as its `build_sam_vit_t` assembles it); for SAM-HQ
     (cfg.hq), SAM-HQ's official one (`segment_anything_hq`, with `MaskDecoderHQ`)."""
-    from functools import partial
-
     decoder_kw = {}
     if cfg.hq:
         from segment_anything_hq.modeling import ImageEncoderViT, PromptEncoder, Sam, TwoWayTransformer
@@ -76,46 +75,64 @@ def official_sam(cfg: SamConfig):
     else:
         from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
     if cfg.encoder_type == "vit":
-        image_encoder = ImageEncoderViT(
-            depth=cfg.encoder_depth,
-            embed_dim=cfg.encoder_embed_dim,
-            img_size=cfg.image_size,
-            mlp_ratio=cfg.mlp_ratio,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            num_heads=cfg.encoder_num_heads,
-            patch_size=cfg.patch_size,
-            qkv_bias=True,
-            use_rel_pos=True,
-            global_attn_indexes=list(cfg.encoder_global_attn_indexes),
-            window_size=cfg.window_size,
-            out_chans=cfg.prompt_embed_dim,
-        )
-    grid = cfg.image_size // cfg.patch_size
+        image_encoder = vit_encoder(ImageEncoderViT, cfg)
     sam = Sam(
         image_encoder=image_encoder,
-        prompt_encoder=PromptEncoder(
-            embed_dim=cfg.prompt_embed_dim,
-            image_embedding_size=(grid, grid),
-            input_image_size=(cfg.image_size, cfg.image_size),
-            mask_in_chans=cfg.mask_in_chans,
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=cfg.num_multimask_outputs,
-            transformer=TwoWayTransformer(
-                depth=cfg.decoder_depth,
-                embedding_dim=cfg.prompt_embed_dim,
-                mlp_dim=cfg.decoder_mlp_dim,
-                num_heads=cfg.decoder_num_heads,
-            ),
-            transformer_dim=cfg.prompt_embed_dim,
-            iou_head_depth=cfg.iou_head_depth,
-            iou_head_hidden_dim=cfg.iou_head_hidden_dim,
-            **decoder_kw,
-        ),
+        prompt_encoder=prompt_encoder(PromptEncoder, cfg),
+        mask_decoder=mask_decoder(MaskDecoder, TwoWayTransformer, cfg, **decoder_kw),
         pixel_mean=list(PIXEL_MEAN),
         pixel_std=list(PIXEL_STD),
     )
     return sam.eval()
+
+
+# The parts of a reference model, built for a SamConfig from the classes of whichever package
+# (segment_anything, mobile_sam, segment_anything_hq: the same constructors), as each package's
+# build_sam assembles them. Default-initialised: `randomise_` refills them.
+
+
+def vit_encoder(image_encoder_vit, cfg: SamConfig) -> torch.nn.Module:
+    return image_encoder_vit(
+        depth=cfg.encoder_depth,
+        embed_dim=cfg.encoder_embed_dim,
+        img_size=cfg.image_size,
+        mlp_ratio=cfg.mlp_ratio,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        num_heads=cfg.encoder_num_heads,
+        patch_size=cfg.patch_size,
+        qkv_bias=True,
+        use_rel_pos=True,
+        global_attn_indexes=list(cfg.encoder_global_attn_indexes),
+        window_size=cfg.window_size,
+        out_chans=cfg.prompt_embed_dim,
+    )
+
+
+def prompt_encoder(prompt_encoder_cls, cfg: SamConfig) -> torch.nn.Module:
+    grid = cfg.image_size // cfg.patch_size
+    return prompt_encoder_cls(
+        embed_dim=cfg.prompt_embed_dim,
+        image_embedding_size=(grid, grid),
+        input_image_size=(cfg.image_size, cfg.image_size),
+        mask_in_chans=cfg.mask_in_chans,
+    )
+
+
+def mask_decoder(mask_decoder_cls, two_way_transformer, cfg: SamConfig, **kw) -> torch.nn.Module:
+    """kw: the decoder's other arguments (SAM-HQ's `vit_dim`)."""
+    return mask_decoder_cls(
+        num_multimask_outputs=cfg.num_multimask_outputs,
+        transformer=two_way_transformer(
+            depth=cfg.decoder_depth,
+            embedding_dim=cfg.prompt_embed_dim,
+            mlp_dim=cfg.decoder_mlp_dim,
+            num_heads=cfg.decoder_num_heads,
+        ),
+        transformer_dim=cfg.prompt_embed_dim,
+        iou_head_depth=cfg.iou_head_depth,
+        iou_head_hidden_dim=cfg.iou_head_hidden_dim,
+        **kw,
+    )
 
 
 @torch.no_grad()

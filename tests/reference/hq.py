@@ -9,7 +9,6 @@ and a strict state_dict -> `sam_jax` Flax params mapping for them.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Dict, Mapping
 
 import numpy as np
@@ -18,7 +17,7 @@ import torch
 import tests.reference.tiny_vit  # noqa: F401  (the timm stand-in, first on sys.path)
 from sam_jax.checkpoints.official import CONV_TO_FLAX, CONV_TRANSPOSE_TO_FLAX, LINEAR_TO_FLAX, flax_module_path
 from sam_jax.config import SamConfig
-from tests.reference import randomise_
+from tests.reference import mask_decoder, prompt_encoder, randomise_, vit_encoder
 
 # The decoder's torch ConvTranspose2d modules (paths inside the mask decoder): their weights are
 # stored spatially flipped for Flax (see sam_jax.checkpoints.official.CONV_TRANSPOSE_TO_FLAX).
@@ -42,20 +41,7 @@ def official_hq_decoder(cfg: SamConfig, vit_dim: int, seed: int = 0) -> torch.nn
     and a ViT of width vit_dim; every floating tensor randomised; eval mode."""
     from segment_anything_hq.modeling import MaskDecoderHQ, TwoWayTransformer
 
-    decoder = MaskDecoderHQ(
-        num_multimask_outputs=cfg.num_multimask_outputs,
-        transformer=TwoWayTransformer(
-            depth=cfg.decoder_depth,
-            embedding_dim=cfg.prompt_embed_dim,
-            mlp_dim=cfg.decoder_mlp_dim,
-            num_heads=cfg.decoder_num_heads,
-        ),
-        transformer_dim=cfg.prompt_embed_dim,
-        iou_head_depth=cfg.iou_head_depth,
-        iou_head_hidden_dim=cfg.iou_head_hidden_dim,
-        vit_dim=vit_dim,
-    )
-    return randomise_(decoder, seed).eval()
+    return randomise_(mask_decoder(MaskDecoderHQ, TwoWayTransformer, cfg, vit_dim=vit_dim), seed).eval()
 
 
 def official_hq_encoder(cfg: SamConfig, seed: int = 0) -> torch.nn.Module:
@@ -63,20 +49,7 @@ def official_hq_encoder(cfg: SamConfig, seed: int = 0) -> torch.nn.Module:
     grid after each global-attention block])); every floating tensor randomised; eval mode."""
     from segment_anything_hq.modeling import ImageEncoderViT
 
-    encoder = ImageEncoderViT(
-        depth=cfg.encoder_depth,
-        embed_dim=cfg.encoder_embed_dim,
-        img_size=cfg.image_size,
-        mlp_ratio=cfg.mlp_ratio,
-        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-        num_heads=cfg.encoder_num_heads,
-        patch_size=cfg.patch_size,
-        qkv_bias=True,
-        use_rel_pos=True,
-        global_attn_indexes=list(cfg.encoder_global_attn_indexes),
-        window_size=cfg.window_size,
-        out_chans=cfg.prompt_embed_dim,
-    )
+    encoder = vit_encoder(ImageEncoderViT, cfg)
     # Under the name it has in a SAM model: randomise_ reads module paths (`pos_embed` alone has none).
     randomise_(torch.nn.ModuleDict({"image_encoder": encoder}), seed)
     return encoder.eval()
@@ -86,14 +59,7 @@ def official_prompt_encoder(cfg: SamConfig, seed: int = 0) -> torch.nn.Module:
     """SAM-HQ's `PromptEncoder` (SAM's) for cfg, randomised: makes realistic prompt tokens."""
     from segment_anything_hq.modeling import PromptEncoder
 
-    grid = cfg.image_size // cfg.patch_size
-    encoder = PromptEncoder(
-        embed_dim=cfg.prompt_embed_dim,
-        image_embedding_size=(grid, grid),
-        input_image_size=(cfg.image_size, cfg.image_size),
-        mask_in_chans=cfg.mask_in_chans,
-    )
-    return randomise_(encoder, seed).eval()
+    return randomise_(prompt_encoder(PromptEncoder, cfg), seed).eval()
 
 
 def flax_params(
