@@ -1,4 +1,4 @@
-"""python -m convert SRC DST.safetensors [--model-type auto|vit_b|vit_l|vit_h]
+"""python -m convert SRC DST.safetensors [--model-type auto|vit_b|vit_l|vit_h|sam_hq_vit_b|...]
 python -m convert --to hf SRC OUT_DIR
 python -m convert --to pytorch PARAMS.safetensors OUT.pth
 

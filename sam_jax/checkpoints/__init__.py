@@ -3,7 +3,7 @@
     params.py          params tree <-> flat {path: array}; the strict check against a model
     native.py          the sam_jax `.safetensors` file (`sam_jax.save`)
     official.py        Meta's official state_dict <-> params (the layout rules), reading `.pth`
-    hf.py              Hugging Face `SamModel` names and config.json <-> the official state_dict
+    hf.py              Hugging Face `SamModel` / `SamHQModel` names and config.json <-> the official state_dict
     pytorch_export.py  params -> an official `.pth`
     sources.py         any of these -> params (`sam_jax.load`, `load_source`)
 

@@ -1,10 +1,11 @@
-"""Hugging Face transformers `SamModel` weights <-> the official SAM state_dict.
+"""Hugging Face transformers `SamModel` / `SamHQModel` weights <-> the official SAM / SAM-HQ state_dict.
 
 HF holds the official tensors in the official layouts (no transposes; qkv stays fused) under other
 names, so this module only renames: HF -> official, then `official.convert_state_dict`
-applies the one set of layout and strictness rules; for export, `export_state_dict` then official
--> HF. Names are a table of module paths (below); leaves (weight, bias, rel_pos_h, ...) are kept.
-Needs safetensors and json only, never transformers.
+applies the one set of layout and strictness rules (SAM-HQ told by its output token, as in an
+official `.pth`); for export, `export_state_dict` then official -> HF. Names are a table of module
+paths (below); leaves (weight, bias, rel_pos_h, ...) are kept. config.json's `model_type` is "sam"
+or "sam_hq". Needs safetensors and json only, never transformers.
 """
 
 from __future__ import annotations
@@ -67,16 +68,30 @@ MODULES: Tuple[Tuple[str, str], ...] = (
     ("mask_decoder.output_upscaling.0", "mask_decoder.upscale_conv1"),
     ("mask_decoder.output_upscaling.1", "mask_decoder.upscale_layer_norm"),
     ("mask_decoder.output_upscaling.3", "mask_decoder.upscale_conv2"),
+    # SAM-HQ's decoder additions (SamHQModel); its MLP hf_mlp is hq_mask_mlp (_MLP_HF_NAMES).
+    ("mask_decoder.hf_token", "mask_decoder.hq_token"),
+    ("mask_decoder.compress_vit_feat.0", "mask_decoder.compress_vit_conv1"),
+    ("mask_decoder.compress_vit_feat.1", "mask_decoder.compress_vit_norm"),
+    ("mask_decoder.compress_vit_feat.3", "mask_decoder.compress_vit_conv2"),
+    ("mask_decoder.embedding_encoder.0", "mask_decoder.encoder_conv1"),
+    ("mask_decoder.embedding_encoder.1", "mask_decoder.encoder_norm"),
+    ("mask_decoder.embedding_encoder.3", "mask_decoder.encoder_conv2"),
+    ("mask_decoder.embedding_maskfeature.0", "mask_decoder.mask_conv1"),
+    ("mask_decoder.embedding_maskfeature.1", "mask_decoder.mask_norm"),
+    ("mask_decoder.embedding_maskfeature.3", "mask_decoder.mask_conv2"),
 )
 # MLPs of depth d: official layers.0 .. layers.{d-1} <-> HF proj_in, layers.0 .. layers.{d-3}, proj_out.
+# The MLP keeps its path, except SAM-HQ's: official path -> HF path.
+_MLP_HF_NAMES = {"mask_decoder.hf_mlp": "mask_decoder.hq_mask_mlp"}
 _MLP_OFFICIAL = re.compile(
-    r"(mask_decoder\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head))"
+    r"(mask_decoder\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head|hf_mlp))"
     r"\.layers\.(\d+)"
 )
 _MLP_HF = re.compile(
-    r"(mask_decoder\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head))"
+    r"(mask_decoder\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head|hq_mask_mlp))"
     r"\.(proj_in|proj_out|layers\.(\d+))"
 )
+_MLP_OFFICIAL_NAMES = {h: o for o, h in _MLP_HF_NAMES.items()}
 
 
 def _shape(value: Any) -> Tuple[int, ...]:
@@ -96,13 +111,14 @@ _RULES = {"to_official": [(_compile(h), o) for o, h in MODULES], "to_hf": [(_com
 
 
 def _mlp_depths(keys: Any, hf: bool) -> Dict[str, int]:
-    """{MLP module path: depth} as far as the keys show it."""
+    """{official MLP module path: depth} as far as the keys (HF or official names) show it."""
     depths: Dict[str, int] = {}
     for key in keys:
         m = (_MLP_HF if hf else _MLP_OFFICIAL).fullmatch(key.rpartition(".")[0])
         if m:
             d = (int(m.group(3)) + 3 if m.group(3) else 2) if hf else int(m.group(2)) + 1
-            depths[m.group(1)] = max(depths.get(m.group(1), 2), d)
+            mlp = _MLP_OFFICIAL_NAMES.get(m.group(1), m.group(1)) if hf else m.group(1)
+            depths[mlp] = max(depths.get(mlp, 2), d)
     return depths
 
 
@@ -116,18 +132,20 @@ def _rename(key: str, direction: str, depths: Mapping[str, int]) -> Optional[str
     m = (_MLP_HF if direction == "to_official" else _MLP_OFFICIAL).fullmatch(module)
     if not m:
         return None
-    mlp, d = m.group(1), depths.get(m.group(1), 3)
     if direction == "to_official":
+        mlp = _MLP_OFFICIAL_NAMES.get(m.group(1), m.group(1))
+        d = depths.get(mlp, 3)
         i = 0 if m.group(2) == "proj_in" else d - 1 if m.group(2) == "proj_out" else int(m.group(3)) + 1
         return f"{mlp}.layers.{i}.{leaf}"
-    i = int(m.group(2))
+    mlp, d, i = m.group(1), depths.get(m.group(1), 3), int(m.group(2))
     name = "proj_in" if i == 0 else "proj_out" if i == d - 1 else f"layers.{i - 1}"
-    return f"{mlp}.{name}.{leaf}"
+    return f"{_MLP_HF_NAMES.get(mlp, mlp)}.{name}.{leaf}"
 
 
 def official_to_hf(state: Mapping[str, Any]) -> Dict[str, Any]:
-    """Official SAM state_dict -> HF SamModel names (values untouched, as save_pretrained writes:
-    the positional matrix once, under PE_HF). Raises ConversionError naming every unknown key."""
+    """Official SAM (SAM-HQ) state_dict -> HF SamModel (SamHQModel) names (values untouched, as
+    save_pretrained writes: the positional matrix once, under PE_HF). Raises ConversionError naming
+    every unknown key."""
     depths = _mlp_depths(state, hf=False)
     out: Dict[str, Any] = {}
     unknown = []
@@ -143,7 +161,7 @@ def official_to_hf(state: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def hf_to_official(state: Mapping[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
-    """HF SamModel state_dict -> (official names -> same values, problems).
+    """HF SamModel or SamHQModel state_dict -> (official names -> same values, problems).
 
     Problems, each naming its HF key: keys no rule knows, and PE_HF / PE_HF_TIED both present with
     different values. Either copy of the positional matrix alone is accepted.
@@ -198,6 +216,11 @@ def is_hf_layout(keys: Any) -> bool:
 # ---------------------------------------------------------------------------------------------
 # config.json
 
+# transformers' model_type (config.json) of SAM and of SAM-HQ (SamConfig.hq); each sub-config's
+# is "{model_type}_vision_model", "{model_type}_prompt_encoder", "{model_type}_mask_decoder".
+MODEL_TYPE = {False: "sam", True: "sam_hq"}
+ARCHITECTURE = {False: "SamModel", True: "SamHQModel"}
+
 # SamConfig field <-> (HF config section, field, HF default when the field is absent).
 FIELDS: Tuple[Tuple[str, str, str, Any], ...] = (
     ("encoder_embed_dim", "vision_config", "hidden_size", 768),
@@ -222,7 +245,10 @@ FIELDS: Tuple[Tuple[str, str, str, Any], ...] = (
 def _implied(cfg: SamConfig) -> Tuple[Tuple[str, str, Any, Any], ...]:
     """HF fields a SAM model of `cfg` must have: (section, field, HF default, value)."""
     c = cfg.prompt_embed_dim
-    return (
+    # SAM-HQ: the width of the ViT tokens its decoder compresses. Which tokens is not a field:
+    # SamHQModel, like sam_jax and SAM-HQ, takes the output of the first global-attention block.
+    hq = (("mask_decoder_config", "vit_dim", 768, cfg.encoder_embed_dim),) if cfg.hq else ()
+    return hq + (
         ("vision_config", "mlp_dim", None, int(round(cfg.encoder_embed_dim * cfg.mlp_ratio))),
         ("vision_config", "output_channels", 256, c),
         ("vision_config", "num_pos_feats", 128, c // 2),
@@ -247,11 +273,13 @@ def _implied(cfg: SamConfig) -> Tuple[Tuple[str, str, Any, Any], ...]:
 
 
 def hf_config(cfg: SamConfig) -> Dict[str, Any]:
-    """The config.json of a transformers SamModel equal to a sam_jax model of `cfg`."""
+    """The config.json of a transformers SamModel (SamHQModel when cfg.hq) equal to a sam_jax
+    model of `cfg`."""
+    model_type = MODEL_TYPE[cfg.hq]
     sections: Dict[str, Dict[str, Any]] = {
-        "vision_config": {"model_type": "sam_vision_model"},
-        "prompt_encoder_config": {"model_type": "sam_prompt_encoder"},
-        "mask_decoder_config": {"model_type": "sam_mask_decoder"},
+        "vision_config": {"model_type": f"{model_type}_vision_model"},
+        "prompt_encoder_config": {"model_type": f"{model_type}_prompt_encoder"},
+        "mask_decoder_config": {"model_type": f"{model_type}_mask_decoder"},
     }
     for name, section, field, _ in FIELDS:
         value = getattr(cfg, name)
@@ -259,8 +287,8 @@ def hf_config(cfg: SamConfig) -> Dict[str, Any]:
     for section, field, _, value in _implied(cfg):
         sections[section][field] = value
     return {
-        "architectures": ["SamModel"],
-        "model_type": "sam",
+        "architectures": [ARCHITECTURE[cfg.hq]],
+        "model_type": model_type,
         "initializer_range": 0.02,
         "tie_word_embeddings": True,
         **sections,
@@ -275,14 +303,16 @@ def _side(value: Any) -> Any:
 
 
 def config_from_hf(d: Mapping[str, Any], source: str = CONFIG_FILE) -> SamConfig:
-    """A transformers SamConfig dict (config.json) -> SamConfig. Absent fields take HF's defaults.
-    Raises ConversionError naming `source` and every field sam_jax cannot represent, by its HF
-    name (`vision_config.hidden_size`)."""
+    """A transformers SamConfig or SamHQConfig dict (config.json; model_type "sam", the default,
+    or "sam_hq") -> SamConfig. Absent fields take HF's defaults. Raises ConversionError naming
+    `source` and every field sam_jax cannot represent, by its HF name (`vision_config.hidden_size`)."""
     if not isinstance(d, Mapping):
         raise ConversionError(f"{source}: expected a JSON object, got {type(d).__name__}")
-    if d.get("model_type", "sam") != "sam":
+    model_type = d.get("model_type", MODEL_TYPE[False])
+    if model_type not in MODEL_TYPE.values():
         raise ConversionError(
-            f"{source}: model_type {d.get('model_type')!r} is not 'sam' (SAM-HQ, SAM 2 and others are different models)"
+            f"{source}: model_type {model_type!r:.60} is neither 'sam' nor 'sam_hq' (SAM 2 and others are "
+            "different models)"
         )
     sec = {s: d.get(s) or {} for s in ("vision_config", "prompt_encoder_config", "mask_decoder_config")}
     not_objects = [
@@ -291,6 +321,7 @@ def config_from_hf(d: Mapping[str, Any], source: str = CONFIG_FILE) -> SamConfig
     if not_objects:
         raise ConversionError(f"{source}: " + "; ".join(not_objects))
     kwargs = {name: _side(sec[s].get(f, default)) for name, s, f, default in FIELDS}
+    kwargs["hq"] = model_type == MODEL_TYPE[True]
     mlp_dim = sec["vision_config"].get("mlp_dim")
     if mlp_dim is not None:  # mlp_dim / hidden_size wins over mlp_ratio; SamConfig checks hidden_size
         if not isinstance(mlp_dim, int) or isinstance(mlp_dim, bool) or mlp_dim < 1:
@@ -313,7 +344,8 @@ def config_from_hf(d: Mapping[str, Any], source: str = CONFIG_FILE) -> SamConfig
     return cfg
 
 
-_HF_NAME = {name: f"{s}.{f}" for name, s, f, _ in FIELDS}
+# SamConfig's own errors in config.json's words; its hq is model_type "sam_hq".
+_HF_NAME = {name: f"{s}.{f}" for name, s, f, _ in FIELDS} | {"hq": "model_type 'sam_hq'"}
 _FIELD_NAME = re.compile(r"\b(" + "|".join(_HF_NAME) + r")\b")
 
 
@@ -383,7 +415,7 @@ def convert_hf_state_dict(
     *,
     config_source: str = CONFIG_FILE,
 ) -> Tuple[SamConfig, Dict[str, Any]]:
-    """HF SamModel state_dict (numpy or torch) -> (SamConfig, nested Flax params).
+    """HF SamModel or SamHQModel state_dict (numpy or torch) -> (SamConfig, nested Flax params).
 
     The size comes from the shapes, checked against `config` (a config.json dict, read from
     `config_source`, which its errors name) when given, which also supplies the decoder head count
@@ -425,9 +457,14 @@ def _check_config_matches(cfg: SamConfig, official: Mapping[str, Any], source: s
     except ConversionError:
         return  # the key-by-key check reports what is missing
     found = dataclasses.replace(found, decoder_num_heads=cfg.decoder_num_heads)  # not in any shape
+    names = {**_HF_NAME, "hq": "model_type"}  # hq is told by model_type (its values: MODEL_TYPE)
+
+    def text(field: str, value: Any) -> str:
+        return repr(MODEL_TYPE[value]) if field == "hq" else str(value)
+
     diffs = [
-        f"{_HF_NAME.get(f.name, f.name)}: {os.path.basename(source)} says {getattr(cfg, f.name)}, the weights "
-        f"{getattr(found, f.name)}"
+        f"{names.get(f.name, f.name)}: {os.path.basename(source)} says {text(f.name, getattr(cfg, f.name))}, "
+        f"the weights {text(f.name, getattr(found, f.name))}"
         for f in dataclasses.fields(cfg)
         if getattr(cfg, f.name) != getattr(found, f.name)
     ]
@@ -451,12 +488,13 @@ def load_hf(path: str | os.PathLike, model_type: Any = "auto") -> Tuple[SamConfi
 
 def export_hf(params: Mapping[str, Any], config: SamConfig | str, folder: str | os.PathLike) -> Dict[str, Any]:
     """sam_jax params -> an HF folder (config.json + model.safetensors, float32) that
-    `transformers.SamModel.from_pretrained` loads. Returns the HF state_dict written."""
+    `transformers.SamModel.from_pretrained` loads (`SamHQModel` for SAM-HQ: config.hq). Returns
+    the HF state_dict written."""
     cfg = get_config(config)
     if cfg.encoder_type != "vit":
         raise ConversionError(
-            f"the Hugging Face layout (transformers SamModel) has SAM's ViT encoder only, not {describe(cfg)}; "
-            "export to an official .pth instead"
+            f"the Hugging Face layout (transformers SamModel, SamHQModel) has SAM's ViT encoder only, not "
+            f"{describe(cfg)}; export to an official .pth instead"
         )
     try:
         check_params(params, build_sam(cfg))

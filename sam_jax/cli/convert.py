@@ -1,13 +1,16 @@
 """`sam-jax convert` (also `python -m convert`): checkpoints between sam_jax, official and HF.
 
-    sam-jax convert SRC DST.safetensors [--model-type auto|vit_b|vit_l|vit_h]
+    sam-jax convert SRC DST.safetensors [--model-type auto|vit_b|vit_l|vit_h|sam_hq_vit_b|...]
     sam-jax convert --to hf SRC OUT_DIR
     sam-jax convert --to pytorch PARAMS.safetensors OUT.pth
 
-SRC: an official checkpoint (.pth), a Hugging Face folder (config.json + model.safetensors) or
-model.safetensors file, or (with --to hf / --to pytorch) a sam_jax .safetensors file, e.g.
-fine-tuned params. The key names tell the layout. `--to pytorch` writes an official-format state
-dict that `segment_anything.sam_model_registry[...](checkpoint=OUT.pth)` loads strictly.
+SRC: an official checkpoint (.pth; SAM, SAM-HQ or MobileSAM), a Hugging Face folder (config.json +
+model.safetensors; transformers' SamModel or SamHQModel) or model.safetensors file, or (with --to hf
+/ --to pytorch) a sam_jax .safetensors file, e.g. fine-tuned params. The key names tell the layout.
+`--to pytorch` writes an official-format state dict that
+`segment_anything.sam_model_registry[...](checkpoint=OUT.pth)` (SAM-HQ: `segment_anything_hq`'s)
+loads strictly; `--to hf` a folder that transformers' `SamModel.from_pretrained` (SAM-HQ:
+`SamHQModel`) loads strictly.
 Usage errors: one line on stderr, exit status 2; a checkpoint that cannot be converted or written:
 `error: ...` (every problem found, briefly), exit status 1.
 """
@@ -27,15 +30,26 @@ from ..checkpoints.named import DownloadError
 from ..checkpoints.official import describe
 from .common import Parser, run_command
 
-MODEL_TYPES = ("auto", "vit_b", "vit_l", "vit_h", "default", "mobile_sam", "vit_t")
+MODEL_TYPES = (
+    "auto",
+    "vit_b",
+    "vit_l",
+    "vit_h",
+    "default",
+    "mobile_sam",
+    "vit_t",
+    "sam_hq_vit_b",
+    "sam_hq_vit_l",
+    "sam_hq_vit_h",
+)
 TARGETS = ("sam_jax", "hf", "pytorch")
 
 
 def build_parser(prog: str = "sam-jax convert") -> argparse.ArgumentParser:
     p = Parser(
         prog=prog,
-        description="Convert an official SAM checkpoint (.pth; MobileSAM's mobile_sam.pt too) or Hugging Face "
-        "SAM weights into a sam_jax .safetensors file, or sam_jax "
+        description="Convert an official SAM checkpoint (.pth; SAM-HQ's and MobileSAM's too) or Hugging Face "
+        "SAM / SAM-HQ weights into a sam_jax .safetensors file, or sam_jax "
         "weights into a Hugging Face folder (--to hf) or an official "
         "PyTorch .pth (--to pytorch).",
     )
@@ -49,7 +63,7 @@ def build_parser(prog: str = "sam-jax convert") -> argparse.ArgumentParser:
         "--model-type",
         default="auto",
         choices=MODEL_TYPES,
-        help="model size; 'auto' (default) detects it (SAM or MobileSAM) from the tensor shapes",
+        help="model size; 'auto' (default) detects it (SAM, SAM-HQ or MobileSAM) from the tensor names and shapes",
     )
     p.add_argument(
         "--to",

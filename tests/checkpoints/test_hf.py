@@ -33,9 +33,10 @@ HFSamConfig, HFSamModel = transformers.SamConfig, transformers.SamModel
 TRANSFORMERS_VERSION = "5.23.0"  # the version these names were verified against (pyproject pins it)
 
 
-def hf_load(folder: str) -> torch.nn.Module:
-    """SamModel.from_pretrained that fails on any missing, unexpected or mis-shaped key."""
-    model, info = HFSamModel.from_pretrained(folder, output_loading_info=True)
+def hf_load(folder: str, model_class=None) -> torch.nn.Module:
+    """`model_class.from_pretrained` (default SamModel) that fails on any missing, unexpected or
+    mis-shaped key."""
+    model, info = (model_class or HFSamModel).from_pretrained(folder, output_loading_info=True)
     assert {k: v for k, v in info.items() if v} == {}, info
     return model.eval()
 
@@ -122,8 +123,8 @@ def test_config_from_hf_defaults_and_refusals():
     with pytest.raises(ConversionError) as e:
         config_from_hf(d)
     assert "vision_config.hidden_act" in str(e.value) and "prompt_encoder_config.image_size" in str(e.value)
-    with pytest.raises(ConversionError, match="'sam_hq'"):
-        config_from_hf({"model_type": "sam_hq"})
+    with pytest.raises(ConversionError, match="'sam2'"):
+        config_from_hf({"model_type": "sam2"})
 
 
 # ---------------------------------------------------------------------------------------------
