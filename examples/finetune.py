@@ -15,6 +15,9 @@
   # LoRA on the encoder's attention projections (qwix), bf16 compute, and --remat: encoder blocks
   # and interactive rounds recomputed in the backward pass (less memory, same gradient):
   python examples/finetune.py ... --encoder lora --lora-rank 8 --bf16 --remat
+  # SAM-HQ weights, the HQ-SAM recipe: only the HQ token and its layers train (BCE + dice on the
+  # HQ mask; the held-out IoU is the HQ mask's):
+  python examples/finetune.py --weights sam_hq_vit_b.safetensors --decoder hq --images imgs/ --masks masks/ ...
   # On a Linux CPU, jemalloc that keeps freed memory spares the page faults of XLA's per-step
   # buffers (vit_b research path: 1.49x faster; see the README's Fine-tune section):
   LD_PRELOAD=libjemalloc.so.2 MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1 python examples/finetune.py ...
@@ -169,6 +172,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--weights", help="start from these weights (.safetensors or official .pth)")
     m.add_argument("--model", default="small", help="from scratch: small, tiny, vit_b, ...")
     m.add_argument("--encoder", default="frozen", choices=train.step.ENCODER_MODES)
+    m.add_argument(
+        "--decoder",
+        default="full",
+        choices=train.step.DECODER_MODES,
+        help="full: prompt encoder + mask decoder (SAM); hq: SAM-HQ weights, only the HQ parts (HQ-SAM)",
+    )
     m.add_argument("--lora-rank", type=_POSITIVE, default=4)
     m.add_argument("--lora-alpha", type=_number(float, above=0.0), default=4.0)
     m.add_argument("--bf16", action="store_true", help="bfloat16 compute (params stay float32)")
@@ -219,6 +228,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--masks and --coco need --images")
     if a.augment and a.encoder == "frozen":
         p.error("--augment changes images, but --encoder frozen trains on embeddings cached once")
+    if a.decoder == "hq" and a.encoder != "frozen":
+        p.error("--decoder hq trains SAM-HQ's parts alone: it needs --encoder frozen")
     if not a.no_plots:
         try:
             import matplotlib  # noqa: F401
@@ -267,6 +278,13 @@ def main(argv=None) -> Dict[str, List[float]]:
     a = parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     model, params = load_model(a)
+    if (a.decoder == "hq") != model.config.hq:
+        print(
+            "finetune.py: error: "
+            + ("--decoder hq needs SAM-HQ weights" if a.decoder == "hq" else "SAM-HQ weights need --decoder hq"),
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
     s = model.config.image_size
     t0 = time.perf_counter()
     tr, va = load_data(a, s)
@@ -278,6 +296,8 @@ def main(argv=None) -> Dict[str, List[float]]:
         warmup_steps=a.warmup,
         decay_steps=a.steps,
         encoder=a.encoder,
+        decoder=a.decoder,
+        loss=train.HQ_LOSS if a.decoder == "hq" else train.LossConfig(),
         prompts=train.PromptConfig(a.corrective_points, a.no_point_rounds, a.box_prob, point_margin=a.point_margin),
         remat_rounds=a.remat,
     )
@@ -307,7 +327,8 @@ def main(argv=None) -> Dict[str, List[float]]:
         history["eval_iou"] = [history["eval_iou"][i] for i in keep]
         print(f"resumed at step {n}")
 
-    encode = jax.jit(lambda p, im, sz: model.apply({"params": p}, preprocess_padded(im, sz), method="encode_image"))
+    # {"embeddings"} (SAM-HQ: and "interm_embeddings"), what a frozen-encoder step reads.
+    encode = jax.jit(lambda p, im, sz: train.encoder_outputs(model, p, preprocess_padded(im, sz)))
     cached = None
     if a.encoder == "frozen":  # the research path: embeddings once, then many decoder epochs
         tag = f"{a.weights or a.model}|{model.config.to_json()}|{len(tr)}|{a.seed}"
@@ -315,14 +336,23 @@ def main(argv=None) -> Dict[str, List[float]]:
         cached = tdata.cache_embeddings(
             lambda im, sz: encode(state.params, im, sz), tr, 8, os.path.join(a.out, "train_embeddings.npz"), tag
         )
-        print(f"cached {cached.shape} embeddings in {time.perf_counter() - t1:.1f} s")
+        print(f"cached {cached['embeddings'].shape} embeddings in {time.perf_counter() - t1:.1f} s")
     va_gt = np.concatenate(va.masks)
     va_owner = np.concatenate([np.full(len(m), i) for i, m in enumerate(va.masks)])
     va_pts = tdata.center_points(va_gt)
 
     def evaluate(p, return_masks=False):
-        emb = tdata.cache_embeddings(lambda im, sz: encode(p, im, sz), va, 8)
-        return single_point_iou(model, _plain(p, a), emb[va_owner], va_gt, va_pts, return_masks=return_masks)
+        enc = tdata.cache_embeddings(lambda im, sz: encode(p, im, sz), va, 8)
+        interm = enc["interm_embeddings"][va_owner] if model.config.hq else None
+        return single_point_iou(
+            model,
+            _plain(p, a),
+            enc["embeddings"][va_owner],
+            va_gt,
+            va_pts,
+            return_masks=return_masks,
+            interm_embeddings=interm,
+        )
 
     try:
         from tqdm import tqdm
@@ -340,7 +370,7 @@ def main(argv=None) -> Dict[str, List[float]]:
         idx = tdata.sample_images(rng, tr, a.batch_size, a.sample_by)
         masks = tdata.sample_masks(rng, tr, idx, a.objects)
         if cached is not None:
-            return {"masks": jnp.asarray(masks), "embeddings": jnp.asarray(cached[idx])}
+            return {"masks": jnp.asarray(masks), **{n: jnp.asarray(v[idx]) for n, v in cached.items()}}
         images, sizes = tr.images[idx], tr.sizes[idx]
         if a.augment:
             images, masks = tdata.augment(rng, images, sizes, masks)

@@ -46,6 +46,8 @@ class SamAutomaticMaskGenerator:
         pixels (8-connected; needs scipy), then NMS again.
       output_mode (str): "binary_mask" (bool (H, W)), "uncompressed_rle" or "coco_rle" (needs
         pycocotools).
+      hq_token_only (bool): SAM-HQ only: every mask is the HQ mask alone instead of SAM's best +
+        the HQ mask (SAM-HQ's own generator always adds them; its predictor's option).
       devices (list of jax.Device): where to run; default all local devices.
 
     `generate(image)` returns one record per mask: segmentation, area, bbox (XYWH), predicted_iou,
@@ -70,9 +72,13 @@ class SamAutomaticMaskGenerator:
         min_mask_region_area: int = 0,
         output_mode: str = "binary_mask",
         devices: Optional[Sequence[jax.Device]] = None,
+        hq_token_only: bool = False,
     ) -> None:
         if not isinstance(model, Sam):
             raise TypeError(f"model must be a sam_jax.Sam, got {type(model).__name__}")
+        hq_token_only = inputs.check_flag(hq_token_only, "hq_token_only")
+        if hq_token_only and not model.config.hq:
+            raise ValueError("hq_token_only=True needs a SAM-HQ model (config.hq); this model is SAM")
         a = check_generator_args(
             points_per_side=points_per_side,
             points_per_batch=points_per_batch,
@@ -108,7 +114,7 @@ class SamAutomaticMaskGenerator:
         devices = list(devices)
         if not devices or not all(isinstance(d, jax.Device) for d in devices):
             raise TypeError("devices must be a non-empty list of jax.Device")
-        self.model, self.params, self.devices = model, params, devices
+        self.model, self.params, self.devices, self.hq_token_only = model, params, devices, hq_token_only
         self.runner = Runner(
             model,
             params,
@@ -116,6 +122,7 @@ class SamAutomaticMaskGenerator:
             self.points_per_batch,
             (self.pred_iou_thresh, self.stability_score_thresh, self.stability_score_offset),
             self.box_nms_thresh,
+            hq_token_only=hq_token_only,
         )
 
     # --- public API ---

@@ -129,22 +129,37 @@ def decode_tokens(
 
 
 def decode_masks(
-    model: Sam, params, image_tokens: jax.Array, hyper: jax.Array, hq_features: Optional[jax.Array] = None
+    model: Sam,
+    params,
+    image_tokens: jax.Array,
+    hyper: jax.Array,
+    hq_features: Optional[jax.Array] = None,
+    hq_token_only: bool = False,
 ) -> jax.Array:
     """`Sam.decode_masks`: rows of `decode_tokens`' image tokens (K, e, e, C) and hypernetwork
     outputs (K, 3, C/8) -> low-res logits (K, 3, L, L) float32 (SAM-HQ: with the crop's HQ
-    features, SAM's mask + the HQ mask, (K, 1, L, L), as SAM-HQ's generator asks its predictor)."""
+    features, SAM's mask + the HQ mask, (K, 1, L, L), as SAM-HQ's generator asks its predictor;
+    the HQ mask alone with hq_token_only, static)."""
     if hq_features is None:
         return model.apply({"params": params}, image_tokens, hyper, method="decode_masks")
-    return model.apply({"params": params}, image_tokens, hyper, hq_features, method="decode_masks")
+    return model.apply({"params": params}, image_tokens, hyper, hq_features, hq_token_only, method="decode_masks")
 
 
 def decode_job(
-    model: Sam, thresholds: jax.Array, params, embedding: Any, coords: jax.Array, valid: jax.Array, *, chunk: int
+    model: Sam,
+    thresholds: jax.Array,
+    params,
+    embedding: Any,
+    coords: jax.Array,
+    valid: jax.Array,
+    *,
+    chunk: int,
+    hq_token_only: bool = False,
 ) -> Tuple[jax.Array, jax.Array]:
     """B single foreground points (B, 2) in the model frame, valid (B,) -> low-res logits
     (B * k, L, L) and IoU predictions (B * k,), point-major (the official `flatten(0, 1)`); k is
-    `masks_per_point`. embedding: `encode_job`'s output (SAM-HQ: with the crop's HQ features).
+    `masks_per_point`. embedding: `encode_job`'s output (SAM-HQ: with the crop's HQ features;
+    hq_token_only, static: the HQ masks alone).
 
     The transformer runs for every point (IoU predictions need it), but the output upscaling only
     for points with a mask above the IoU threshold, `chunk` points at a time: the other points'
@@ -162,7 +177,7 @@ def decode_job(
     def body(c, low):
         idx = jax.lax.dynamic_slice(order, (c * chunk,), (chunk,))
         safe = jnp.minimum(idx, b - 1)
-        part = decode_masks(model, params, tokens[safe], hyper[safe], hq_features)
+        part = decode_masks(model, params, tokens[safe], hyper[safe], hq_features, hq_token_only)
         return low.at[jnp.where(jnp.arange(chunk) + c * chunk < n, idx, b)].set(part, mode="drop")
 
     low = jax.lax.fori_loop(0, (n + chunk - 1) // chunk, body, low)

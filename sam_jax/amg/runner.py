@@ -103,8 +103,10 @@ class Runner:
         points_per_batch: int,
         thresholds: Tuple[float, float, float],
         box_nms_thresh: float,
+        hq_token_only: bool = False,
     ) -> None:
         self.model, self.devices = model, list(devices)
+        self.hq_token_only = hq_token_only  # SAM-HQ: the HQ masks alone
         self.points_per_batch = points_per_batch
         self.image_size = model.config.image_size
         self.low_size = model.config.mask_input_size
@@ -188,7 +190,13 @@ class Runner:
         chunk = max(1, min(m, CHUNK_PIXELS // (hp * wp)))
         dchunk = min(b, DECODE_CHUNK)
         # The decoder's small dots run better on XLA's own fusions (see backend.CPU_XLA_OPTIONS).
-        decode = pl.sharded(("decode", model, dchunk), partial(pl.decode_job, model, chunk=dchunk), mesh, 2, tuned=True)
+        decode = pl.sharded(
+            ("decode", model, dchunk, self.hq_token_only),
+            partial(pl.decode_job, model, chunk=dchunk, hq_token_only=self.hq_token_only),
+            mesh,
+            2,
+            tuned=True,
+        )
         filt = pl.sharded(("filter", chunk), partial(pl.filter_job, chunk=chunk), mesh, 1, tuned=True)
         append = pl.sharded(("append",), pl.append_job, mesh, 0, donate=(0,))
         thresholds = pl.replicate(self.thresholds, mesh)

@@ -1,10 +1,13 @@
 """`sam-jax amg`: automatic masks for an image or a folder of images.
 
     sam-jax amg INPUT --weights W.safetensors --out DIR [--output-mode coco_rle|binary_mask]
-                [--points-per-side 32] [--pred-iou-thresh 0.88] ... [--overwrite] [--distributed]
+                [--points-per-side 32] [--pred-iou-thresh 0.88] ... [--hq-token-only] [--overwrite]
+                [--distributed]
 
 As the official scripts/amg.py: per image, coco_rle writes DIR/FILE.json (the list of official
 records, segmentations as COCO RLE), binary_mask writes DIR/FILE/{0,1,...}.png plus metadata.csv.
+--hq-token-only (SAM-HQ weights only): every mask is the HQ mask alone instead of SAM's + the HQ
+mask (the generator's hq_token_only).
 FILE is the image's whole file name, extension kept (photo.jpg -> photo.jpg.json), where the
 official script drops it and photo.jpg and photo.png would share one output: names in one folder
 are distinct, so each output belongs to one image whatever else the folder holds and however many
@@ -38,7 +41,16 @@ from .._atomic import atomic_file, atomic_folder, remove_stale
 from ..amg import SamAutomaticMaskGenerator
 from ..amg.checks import check_generator_args
 from ..checkpoints import load
-from .common import ImageError, Parser, UsageError, add_weights_argument, read_image, run_command
+from .common import (
+    ImageError,
+    Parser,
+    UsageError,
+    add_hq_token_only_argument,
+    add_weights_argument,
+    check_hq_token_only,
+    read_image,
+    run_command,
+)
 
 CSV_HEADER = (
     "id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,predicted_iou,"
@@ -95,6 +107,7 @@ def build_parser(prog: str = "sam-jax amg") -> argparse.ArgumentParser:
             if typ is float
             else f"generator option {name} (default {default})",
         )
+    add_hq_token_only_argument(p)
     p.add_argument("--overwrite", action="store_true", help="redo images whose output already exists")
     p.add_argument(
         "--distributed",
@@ -218,8 +231,9 @@ def run(args: argparse.Namespace, prog: str) -> int:
         model, params = load(args.weights)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
+    hq_token_only = check_hq_token_only(args, model)
     os.makedirs(args.out, exist_ok=True)
-    gen = SamAutomaticMaskGenerator(model, params, output_mode=args.output_mode, **opts)
+    gen = SamAutomaticMaskGenerator(model, params, output_mode=args.output_mode, hq_token_only=hq_token_only, **opts)
     targets = {f: output_path(args.out, f, args.output_mode) for f in files}
     # This process alone writes these outputs: what their writers left when killed is stale.
     stale = remove_stale(targets.values())

@@ -46,6 +46,23 @@ def add_weights_argument(p: argparse.ArgumentParser, default: Optional[str] = No
     )
 
 
+def add_hq_token_only_argument(p: argparse.ArgumentParser) -> None:
+    """`--hq-token-only`, for the subcommands that decode masks; check it with `check_hq_token_only`
+    once the weights are loaded."""
+    p.add_argument(
+        "--hq-token-only",
+        action="store_true",
+        help="SAM-HQ weights only: the HQ mask alone instead of SAM's mask + the HQ mask",
+    )
+
+
+def check_hq_token_only(args: argparse.Namespace, model) -> bool:
+    """args.hq_token_only, or UsageError when it is given for weights that are not SAM-HQ's."""
+    if args.hq_token_only and not model.config.hq:
+        raise UsageError(f"--hq-token-only needs SAM-HQ weights; {args.weights} are not SAM-HQ's")
+    return bool(args.hq_token_only)
+
+
 def run_command(
     argv: Optional[Sequence[str]],
     prog: str,

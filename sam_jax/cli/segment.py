@@ -1,14 +1,15 @@
 """`sam-jax segment`: masks for one image from point and box prompts, written as PNGs.
 
     sam-jax segment IMAGE --weights W.safetensors [--point x,y[:label]]... [--box x0,y0,x1,y1]...
-                    [--single] --out DIR [--json]
+                    [--single] [--hq-token-only] --out DIR [--json]
 
 Prompts are original-image pixels (x right, y down) of the image as displayed, i.e. after its EXIF
 orientation is applied. Without --box, all points form one prompt. With one --box, the points
 join it. Several boxes are several prompts, decoded in one batched call (points cannot be added).
 Writes DIR/mask_{prompt}_{k}.png (white = mask) for every mask and DIR/overlay.png (the photo with
 each prompt's best mask tinted, the prompts drawn and the scores in the corner); prints the scores,
-or with --json one JSON object. Usage errors: one line on stderr, exit status 2.
+or with --json one JSON object. --hq-token-only (SAM-HQ weights only) writes the HQ mask alone
+instead of SAM's mask + the HQ mask. Usage errors: one line on stderr, exit status 2.
 
 A re-run into the same DIR leaves exactly its own outputs: once its files are written, the
 mask_P_K.png files of an earlier run that this one did not rewrite (it had more prompts, or three
@@ -30,7 +31,15 @@ import numpy as np
 from .._atomic import atomic_file
 from ..checkpoints import load
 from ..predictor import SamPredictor
-from .common import Parser, UsageError, add_weights_argument, read_image, run_command
+from .common import (
+    Parser,
+    UsageError,
+    add_hq_token_only_argument,
+    add_weights_argument,
+    check_hq_token_only,
+    read_image,
+    run_command,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -105,6 +114,7 @@ def build_parser(prog: str = "sam-jax segment") -> argparse.ArgumentParser:
         help="a box prompt in pixels; repeat for several objects",
     )
     p.add_argument("--single", action="store_true", help="one mask per prompt instead of three")
+    add_hq_token_only_argument(p)
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return p
@@ -160,6 +170,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         model, params = load(args.weights)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
+    hq_token_only = check_hq_token_only(args, model)
     predictor = SamPredictor(model, params, compile_ahead=False)  # one image, one call: compile what it runs
     try:
         predictor.set_image(image)
@@ -170,10 +181,12 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     multimask = not args.single
     try:
         if len(args.box) > 1:
-            masks, scores, _ = predictor.predict_batch(boxes=np.array(args.box), multimask_output=multimask)
+            masks, scores, _ = predictor.predict_batch(
+                boxes=np.array(args.box), multimask_output=multimask, hq_token_only=hq_token_only
+            )
         else:
             box = np.array(args.box[0]) if args.box else None
-            m, s, _ = predictor.predict(coords, labels, box, multimask_output=multimask)
+            m, s, _ = predictor.predict(coords, labels, box, multimask_output=multimask, hq_token_only=hq_token_only)
             masks, scores = m[None], s[None]
     except ValueError as e:  # e.g. a point outside the image
         raise UsageError(str(e)) from None
@@ -184,6 +197,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         "size": list(image.shape[:2]),
         "weights": args.weights,
         "multimask": multimask,
+        "hq_token_only": hq_token_only,
         "prompts": [],
     }
     best_masks, best_scores = [], []

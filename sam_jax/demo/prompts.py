@@ -41,6 +41,7 @@ class Prompt:
     labels: Optional[np.ndarray]  # (N,) int32, 1 foreground / 0 background, or None
     box: Optional[np.ndarray]  # (4,) float64 (x0, y0, x1, y1) pixels, or None
     multimask: bool
+    hq_token_only: bool = False  # SAM-HQ: the HQ mask alone
 
 
 def parse_json(body: bytes) -> Any:
@@ -105,13 +106,13 @@ def image_id(body: Any, fields: Iterable[str]) -> str:
     return body["id"]
 
 
-PREDICT_FIELDS = ("points", "box", "multimask")
+PREDICT_FIELDS = ("points", "box", "multimask", "hq_token_only")
 
 
 def predict_prompt(body: Dict[str, Any]) -> Prompt:
-    """{"points": [[x, y, label], ...], "box": [x0, y0, x1, y1] | null, "multimask": bool} (each
-    optional; at least one point or a box) -> Prompt; `check_inside` then checks it against the
-    image's size."""
+    """{"points": [[x, y, label], ...], "box": [x0, y0, x1, y1] | null, "multimask": bool,
+    "hq_token_only": bool} (each optional; at least one point or a box) -> Prompt;
+    `check_inside` then checks it against the image's size."""
     points = body.get("points", [])
     if points is None:
         points = []
@@ -141,11 +142,15 @@ def predict_prompt(body: Dict[str, Any]) -> Prompt:
     multimask = body.get("multimask", True)
     if not isinstance(multimask, bool):
         raise DemoError(f"multimask must be true or false, got {_show(multimask)}")
+    hq_token_only = body.get("hq_token_only", False)
+    if not isinstance(hq_token_only, bool):
+        raise DemoError(f"hq_token_only must be true or false, got {_show(hq_token_only)}")
     return Prompt(
         coords=np.array(coords, np.float64) if coords else None,
         labels=np.array(labels, np.int32) if coords else None,
         box=box,
         multimask=multimask,
+        hq_token_only=hq_token_only,
     )
 
 

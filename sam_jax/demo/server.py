@@ -2,11 +2,13 @@
 `SamAutomaticMaskGenerator`.
 
     GET  /                 the page (static/index.html; static/ holds its script and style)
-    GET  /api/info         {"model", "cache_size", "max_pixels", "max_bytes", "everything": defaults}
+    GET  /api/info         {"model", "hq", "cache_size", "max_pixels", "max_bytes", "everything": defaults}
     POST /api/image        body: the image file's bytes -> {"id", "width", "height", "seconds"}
                            (?preview=1 adds "preview", a base64 JPEG, for formats a browser cannot show)
     POST /api/predict      {"id", "points": [[x, y, label], ...], "box": [x0, y0, x1, y1] | null,
-                            "multimask": true} -> {"masks": [base64 PNG, ...], "scores", "areas", "best", "ms"}
+                            "multimask": true, "hq_token_only": false}
+                           -> {"masks": [base64 PNG, ...], "scores", "areas", "best", "ms"}
+                           ("hq" in /api/info: SAM-HQ weights, whose predict takes hq_token_only: true)
     POST /api/everything   {"id", "points_per_side", "pred_iou_thresh", "stability_score_thresh"}
                            -> {"count", "labels": base64 PNG, "records": [...], "seconds"}
 
@@ -146,7 +148,11 @@ class _Demo:
         start = time.perf_counter()
         try:
             masks, scores, _ = held.predictor.predict(
-                prompt.coords, prompt.labels, prompt.box, multimask_output=prompt.multimask
+                prompt.coords,
+                prompt.labels,
+                prompt.box,
+                multimask_output=prompt.multimask,
+                hq_token_only=prompt.hq_token_only,
             )
         except (ValueError, TypeError) as e:  # the predictor's own checks, after ours
             raise DemoError(str(e)) from None
@@ -242,6 +248,7 @@ def create_app(
         return JSONResponse(
             {
                 "model": demo.name,
+                "hq": bool(model.config.hq),
                 "cache_size": demo.cache_size,
                 "max_pixels": demo.max_pixels,
                 "max_bytes": demo.max_bytes,

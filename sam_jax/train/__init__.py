@@ -7,9 +7,9 @@ Submodules: `losses`, `prompts`, `objective`, `step`, `lora`, `checkpoint`, `eva
 
 from .checkpoint import Checkpointer
 from .evaluate import single_point_iou
-from .losses import LossConfig, dice_loss, mask_iou, sam_loss, sigmoid_focal_loss, upsample_logits
+from .losses import HQ_LOSS, LossConfig, dice_loss, mask_iou, sam_loss, sigmoid_focal_loss, upsample_logits
 from .lora import DEFAULT_TARGETS, add_lora, has_lora, lora_model, merge_lora
-from .objective import decode_loss, interactive_loss
+from .objective import decode_loss, hq_features, interactive_loss
 from .prompts import (
     PromptConfig,
     mask_boxes,
@@ -18,11 +18,12 @@ from .prompts import (
     sample_corrective_points,
     sample_foreground_points,
 )
-from .step import TrainConfig, TrainState, make_optimizer, make_train_step, param_labels
+from .step import TrainConfig, TrainState, encoder_outputs, make_optimizer, make_train_step, param_labels
 
 __all__ = [
     "Checkpointer",
     "DEFAULT_TARGETS",
+    "HQ_LOSS",
     "LossConfig",
     "PromptConfig",
     "TrainConfig",
@@ -30,7 +31,9 @@ __all__ = [
     "add_lora",
     "decode_loss",
     "dice_loss",
+    "encoder_outputs",
     "has_lora",
+    "hq_features",
     "interactive_loss",
     "lora_model",
     "make_optimizer",

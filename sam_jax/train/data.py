@@ -227,18 +227,25 @@ def augment(
     return out_i, out_m
 
 
-def cache_embeddings(
-    encode, samples: Samples, batch_size: int = 8, path: Optional[str] = None, tag: str = ""
-) -> np.ndarray:
+DICT_PREFIX = "dict_"  # cache files: the entries of a dict result, prefixed (an array is "embeddings")
+
+
+def cache_embeddings(encode, samples: Samples, batch_size: int = 8, path: Optional[str] = None, tag: str = ""):
     """Image embeddings (N, h, w, C) float32 of every image, computed once in batches of
     `batch_size` with `encode(images uint8 (B, S, S, 3), sizes (B, 2)) -> (B, h, w, C)`.
 
+    `encode` may also return a dict of such per-image arrays (SAM-HQ: `step.encoder_outputs`'s
+    "embeddings" and "interm_embeddings"); the result is then a dict of (N, ...) float32 arrays.
     With `path` (.npz) they are stored and reused on the next call if the file's `tag` (identify
     the weights and model with it) and image count match."""
     if path and os.path.isfile(path):
         with np.load(path) as z:
-            if str(z["tag"]) == tag and len(z["embeddings"]) == len(samples):
-                return z["embeddings"]
+            names = [n for n in z.files if n != "tag"]
+            if str(z["tag"]) == tag and names and all(len(z[n]) == len(samples) for n in names):
+                if names == ["embeddings"]:
+                    return z["embeddings"]
+                if all(n.startswith(DICT_PREFIX) for n in names):
+                    return {n[len(DICT_PREFIX) :]: z[n] for n in names}
     chunks = []
     for i in range(0, len(samples), batch_size):
         imgs, sizes = samples.images[i : i + batch_size], samples.sizes[i : i + batch_size]
@@ -246,13 +253,17 @@ def cache_embeddings(
         if n < batch_size:  # one compiled shape: pad the last batch
             imgs = np.concatenate([imgs, np.zeros((batch_size - n, *imgs.shape[1:]), imgs.dtype)])
             sizes = np.concatenate([sizes, np.ones((batch_size - n, 2), sizes.dtype)])
-        chunks.append(np.asarray(encode(imgs, sizes))[:n])
-    emb = np.concatenate(chunks).astype(np.float32)
+        out = encode(imgs, sizes)
+        out = {k: np.asarray(v)[:n] for k, v in out.items()} if isinstance(out, dict) else {"": np.asarray(out)[:n]}
+        chunks.append(out)
+    result = {k: np.concatenate([c[k] for c in chunks]).astype(np.float32) for k in chunks[0]}
+    as_array = list(result) == [""]
     if path:
         tmp = path + ".tmp.npz"
-        np.savez(tmp, embeddings=emb, tag=np.array(tag))
+        stored = {"embeddings": result[""]} if as_array else {DICT_PREFIX + k: v for k, v in result.items()}
+        np.savez(tmp, tag=np.array(tag), **stored)
         os.replace(tmp, path)
-    return emb
+    return result[""] if as_array else result
 
 
 def center_points(masks: np.ndarray) -> np.ndarray:

@@ -26,8 +26,8 @@ class LossConfig:
       focal_weight (float): weight of the sigmoid focal loss (20 in the paper).
       dice_weight (float): weight of the dice loss (1).
       iou_weight (float): weight of the IoU-prediction MSE (1).
-      focal_alpha (float): focal-loss class balance for the positive class (0.25).
-      focal_gamma (float): focal-loss focusing exponent (2).
+      focal_alpha (float): focal-loss class balance for the positive class (0.25); < 0: none.
+      focal_gamma (float): focal-loss focusing exponent (2); 0 with focal_alpha < 0 is plain BCE.
     """
 
     focal_weight: float = 20.0
@@ -35,6 +35,12 @@ class LossConfig:
     iou_weight: float = 1.0
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+
+
+# The HQ-SAM paper's loss on the HQ mask: BCE + dice, 1:1, no IoU term (the IoU head is SAM's and
+# frozen). Its training script evaluates both on 112 x 112 points sampled with Mask2Former's
+# importance sampling; here they are evaluated on every pixel of the model-input frame.
+HQ_LOSS = LossConfig(focal_weight=1.0, dice_weight=1.0, iou_weight=0.0, focal_alpha=-1.0, focal_gamma=0.0)
 
 
 def upsample_logits(low_res: jax.Array, size: int) -> jax.Array:
@@ -54,8 +60,10 @@ def sigmoid_focal_loss(logits: jax.Array, targets: jax.Array, alpha: float = 0.2
     p = jax.nn.sigmoid(logits)
     # Stable BCE with logits: max(x, 0) - x t + log(1 + exp(-|x|)).
     ce = jnp.maximum(logits, 0.0) - logits * t + jnp.log1p(jnp.exp(-jnp.abs(logits)))
-    p_t = p * t + (1.0 - p) * (1.0 - t)
-    loss = ce * (1.0 - p_t) ** gamma
+    loss = ce
+    if gamma != 0:  # (1 - p_t) ** 0 has a NaN gradient where p_t rounds to 1
+        p_t = p * t + (1.0 - p) * (1.0 - t)
+        loss = ce * (1.0 - p_t) ** gamma
     if alpha >= 0:
         loss = (alpha * t + (1.0 - alpha) * (1.0 - t)) * loss
     return loss.mean(axis=(-2, -1))

@@ -3,6 +3,12 @@
 Shapes: P prompts (one per ground-truth mask); embeddings (P, h, w, C) NHWC, one per prompt (or
 (1, h, w, C) shared); ground-truth masks (P, S, S) in the model-input frame. See `losses` for the
 resolution the losses are computed at and `prompts` for how prompts are simulated.
+
+SAM-HQ (`hq_features` given): the loss is on the HQ mask alone, decoded with `hq_token_only=True`
+and single-mask output, as the HQ-SAM paper trains (its training script: `multimask_output=False,
+hq_token_only=True`, BCE + dice on that mask; `losses.HQ_LOSS`). hq_features are
+`Sam.mask_decoder.hq_features` of the image: computed from trainable parameters, so inside the
+gradient (see `step.make_train_step`).
 """
 
 from __future__ import annotations
@@ -26,6 +32,18 @@ from .prompts import (
 Params = Dict[str, Any]
 
 
+def _hq_features_method(m: Sam, embeddings: jax.Array, interm_embeddings: jax.Array) -> jax.Array:
+    return m.mask_decoder.hq_features(embeddings, interm_embeddings).astype(jnp.float32)
+
+
+def hq_features(model: Sam, params: Params, embeddings: jax.Array, interm_embeddings: jax.Array) -> jax.Array:
+    """SAM-HQ's per-image HQ features from the frozen encoder's outputs (`step.encoder_outputs`):
+    embeddings (B, h, w, C) and interm_embeddings (B, h, w, encoder width) NHWC -> (B, 4h, 4w,
+    C/8) NHWC float32, what `decode_loss` / `interactive_loss` take. Differentiable in params
+    (embedding_encoder and compress_vit_feat are trained)."""
+    return model.apply({"params": params}, embeddings, interm_embeddings, method=_hq_features_method)
+
+
 def decode_loss(
     model: Sam,
     params: Params,
@@ -37,12 +55,16 @@ def decode_loss(
     mask_inputs: Optional[jax.Array] = None,
     multimask_output: bool = True,
     loss_config: LossConfig = LossConfig(),
+    hq_features: Optional[jax.Array] = None,
 ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """`Sam.decode` on given prompts, then `sam_loss` against gt_masks (P, S, S).
 
-    Prompts are as `Sam.decode` takes them (model-input frame). Returns (scalar loss, aux) where
-    aux holds `sam_loss`'s per-prompt terms plus "logits" (P, M, S/4, S/4) and "iou_pred" (P, M).
+    Prompts are as `Sam.decode` takes them (model-input frame). SAM-HQ: hq_features (1 or P,
+    4h, 4w, C/8) NHWC, and the logits are the HQ mask alone (`hq_token_only=True`, M = 1).
+    Returns (scalar loss, aux) where aux holds `sam_loss`'s per-prompt terms plus "logits"
+    (P, M, S/4, S/4) and "iou_pred" (P, M).
     """
+    hq = {} if hq_features is None else {"hq_features": hq_features, "hq_token_only": True}
     logits, iou = model.apply(
         {"params": params},
         embeddings,
@@ -52,6 +74,7 @@ def decode_loss(
         mask_inputs,
         multimask_output=multimask_output,
         method="decode",
+        **hq,
     )
     loss, aux = sam_loss(logits, iou, gt_masks, loss_config)
     return loss, {**aux, "logits": logits, "iou_pred": iou}
@@ -67,6 +90,7 @@ def _episode(
     lc: LossConfig,
     use_box: bool,
     remat_rounds: bool,
+    hq_features: Optional[jax.Array],
 ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     p, s = gt.shape[0], gt.shape[-1]
     k_first, k_sched, k_rounds = jax.random.split(key, 3)
@@ -79,7 +103,9 @@ def _episode(
         c0, l0 = sample_foreground_points(k_first, gt, pc.point_margin)
         coords, labels = coords.at[:, :1].set(c0), labels.at[:, :1].set(l0)
 
-    loss0, aux0 = decode_loss(model, params, embeddings, gt, coords, labels, boxes, None, pc.multimask_first, lc)
+    # SAM-HQ trains its one HQ mask, which multimask output does not change (the paper: single).
+    multimask = pc.multimask_first and hq_features is None
+    loss0, aux0 = decode_loss(model, params, embeddings, gt, coords, labels, boxes, None, multimask, lc, hq_features)
     # The next round sees the mask a user would: the one with the highest predicted IoU.
     pick = jnp.argmax(aux0["iou_pred"], axis=1)
     prev = jnp.take_along_axis(aux0["logits"], pick[:, None, None, None], axis=1)[:, 0]
@@ -102,7 +128,7 @@ def _episode(
         write = (slot & add)[None, :]
         coords = jnp.where(write[..., None], c[:, None, :], coords)
         labels = jnp.where(write, lab[:, None], labels)
-        loss, aux = decode_loss(model, params, embeddings, gt, coords, labels, boxes, prev, False, lc)
+        loss, aux = decode_loss(model, params, embeddings, gt, coords, labels, boxes, prev, False, lc, hq_features)
         return (coords, labels, n_points + add.astype(jnp.int32), aux["logits"][:, 0]), (loss, aux["iou"])
 
     if remat_rounds:  # keep each round's carry, recompute its activations in the backward pass
@@ -123,6 +149,7 @@ def interactive_loss(
     prompt_config: PromptConfig = PromptConfig(),
     loss_config: LossConfig = LossConfig(),
     remat_rounds: bool = False,
+    hq_features: Optional[jax.Array] = None,
 ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """Mean loss over the rounds of one simulated interactive episode per prompt.
 
@@ -148,7 +175,16 @@ def interactive_loss(
 
     def run(use_box):
         return _episode(
-            model, params, embeddings, gt_masks, k_episode, prompt_config, loss_config, use_box, remat_rounds
+            model,
+            params,
+            embeddings,
+            gt_masks,
+            k_episode,
+            prompt_config,
+            loss_config,
+            use_box,
+            remat_rounds,
+            hq_features,
         )
 
     if prompt_config.box_prob in (0.0, 1.0):

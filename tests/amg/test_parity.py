@@ -302,7 +302,7 @@ def synthetic_decoders(official_generator, monkeypatch, image_size: int, side: i
         hyper = jnp.broadcast_to(jnp.stack([px, py], -1)[:, None, :], (coords.shape[0], 3, 2))
         return _synthetic_iou(px, py, jnp), hyper, jnp.zeros((coords.shape[0], 1, 1, 1))
 
-    def upscale(model, params, image_tokens, hyper, hq_features=None):
+    def upscale(model, params, image_tokens, hyper, hq_features=None, hq_token_only=False):
         k = jnp.arange(3)[None, :]
         return _synthetic_low(hyper[..., 0], hyper[..., 1], k, side, image_size, jnp)
 

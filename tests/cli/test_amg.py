@@ -280,3 +280,34 @@ def test_usage_errors_one_line_exit_2(folder, tmp_path, capsys, argv, needle):
     rc, stdout, stderr = _run(capsys, *argv)
     assert rc == 2 and stdout == ""
     assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("sam-jax amg: error:") and needle in stderr
+
+
+@pytest.mark.full  # ~15 CPU-s: SAM-HQ's generator programs compiled, two generators and the CLI's
+def test_hq_token_only(tiny_hq, folder, tmp_path, capsys):
+    """--hq-token-only reaches the generator: the masks are SAM-HQ's HQ masks alone, as
+    `SamAutomaticMaskGenerator(hq_token_only=True)` gives them, not its default ones."""
+    out = tmp_path / "out"
+    argv = [folder / "astronaut.png", "--weights", tiny_hq.weights, "--out", out, "--output-mode", "binary_mask"]
+    rc, _, _ = _run(capsys, *argv, "--hq-token-only", "--no-progress", *FLAGS)
+    assert rc == 0
+    image = np.asarray(Image.open(folder / "astronaut.png").convert("RGB"))
+    options = dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
+    want = SamAutomaticMaskGenerator(tiny_hq.model, tiny_hq.params, hq_token_only=True, **options).generate(image)
+    default = SamAutomaticMaskGenerator(tiny_hq.model, tiny_hq.params, **options).generate(image)
+    got = [np.asarray(Image.open(out / "astronaut.png" / f"{i}.png")) > 0 for i in range(len(want))]
+    assert want and len(os.listdir(out / "astronaut.png")) == len(want) + 1  # + metadata.csv
+    for g, r in zip(got, want):
+        np.testing.assert_array_equal(g, r["segmentation"])
+    assert [r["area"] for r in want] != [r["area"] for r in default]
+
+
+def test_hq_token_only_needs_sam_hq_weights(tiny, folder, tmp_path, capsys):
+    rc, stdout, stderr = _run(
+        capsys, folder / "coffee.jpg", "--weights", tiny.weights, "--out", tmp_path / "o", "--hq-token-only"
+    )
+    assert rc == 2 and stdout == "" and len(stderr.strip().splitlines()) == 1
+    assert stderr.startswith("sam-jax amg: error: --hq-token-only needs SAM-HQ weights")
+    with pytest.raises(ValueError, match="hq_token_only=True needs a SAM-HQ model"):
+        SamAutomaticMaskGenerator(tiny.model, tiny.params, hq_token_only=True)
+    with pytest.raises(TypeError, match="hq_token_only must be True or False"):
+        SamAutomaticMaskGenerator(tiny.model, tiny.params, hq_token_only=1)

@@ -291,3 +291,28 @@ def test_thin_images(tiny, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["size"] == [13, 2000]
     assert np.asarray(Image.open(report["prompts"][0]["masks"][0]["file"])).shape == (13, 2000)
+
+
+@pytest.mark.full  # ~10 CPU-s: SAM-HQ's encoder and decoder programs compiled; the daily tier keeps the usage error
+def test_hq_token_only(tiny_hq, photo_path, tmp_path, capsys):
+    """--hq-token-only reaches predict: the PNGs are SAM-HQ's HQ masks alone, which differ from
+    its default (SAM's mask + the HQ mask)."""
+    out = tmp_path / "out"
+    rc = segment(tiny_hq, photo_path, out, "--point", "100,60", "--hq-token-only")
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0 and report["hq_token_only"] is True
+    pred = SamPredictor(tiny_hq.model, tiny_hq.params, compile_ahead=False)
+    pred.set_image(PHOTO)
+    hq_only = pred.predict([[100, 60]], [1], hq_token_only=True)[0]
+    both = pred.predict([[100, 60]], [1])[0]
+    assert len(report["prompts"][0]["masks"]) == 1  # SAM-HQ: one mask per prompt
+    png = np.asarray(Image.open(report["prompts"][0]["masks"][0]["file"])) > 0
+    np.testing.assert_array_equal(png, hq_only[0])  # same process, same program: exact
+    assert not np.array_equal(hq_only[0], both[0])
+
+
+def test_hq_token_only_needs_sam_hq_weights(tiny, photo_path, tmp_path, capsys):
+    rc = segment(tiny, photo_path, tmp_path / "out", "--point", "100,60", "--hq-token-only")
+    err = one_line_error(capsys, 2, rc)
+    assert "--hq-token-only needs SAM-HQ weights" in err and tiny.weights in err
+    assert not (tmp_path / "out").exists()

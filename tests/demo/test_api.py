@@ -342,3 +342,37 @@ def test_bfloat16_model(tiny):
         np.testing.assert_array_equal(masks_of(r.json()), masks)
         r = c.post("/api/everything", json={"id": image_id, "points_per_side": 4, "pred_iou_thresh": 0.0})
         assert r.status_code == 200, r.text
+
+
+@pytest.mark.full  # ~15 CPU-s: SAM-HQ's encoder and decoder programs compiled; the daily tier keeps the refusals
+def test_hq_token_only(tiny_hq):
+    """SAM-HQ weights: /api/info says so (the page then shows its "HQ token only" box) and
+    predict passes hq_token_only to the predictor: the HQ mask alone, not SAM's + the HQ mask."""
+
+    def make():
+        p = SamPredictor(tiny_hq.model, tiny_hq.params, compile_ahead=False)
+        p.set_image(PHOTO)
+        return p
+
+    reference = in_fresh_thread(make)
+    coords, labels = np.array([p[:2] for p in POINTS], np.float64), np.array([p[2] for p in POINTS])
+    with TestClient(create_app(tiny_hq.model, tiny_hq.params)) as c:
+        assert c.get("/api/info").json()["hq"] is True
+        image_id = c.post("/api/image", content=PHOTO_PNG).json()["id"]
+        for flag in (True, False):
+            r = c.post("/api/predict", json={"id": image_id, "points": POINTS, "hq_token_only": flag})
+            assert r.status_code == 200, r.text
+            masks, _, _ = in_fresh_thread(lambda: reference.predict(coords, labels, hq_token_only=flag))
+            np.testing.assert_array_equal(masks_of(r.json()), masks)  # the same programs on the same inputs
+        hq_only = in_fresh_thread(lambda: reference.predict(coords, labels, hq_token_only=True))[0]
+        assert not np.array_equal(hq_only, masks)  # the flag changes the answer
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [(True, "hq_token_only=True needs a SAM-HQ model"), ("yes", "hq_token_only must be true or false")],
+)
+def test_hq_token_only_refused(client, uploaded, value, message):
+    assert client.get("/api/info").json()["hq"] is False
+    r = client.post("/api/predict", json={"id": uploaded, "points": POINTS, "hq_token_only": value})
+    assert r.status_code == 400 and message in r.json()["error"], r.text

@@ -342,7 +342,9 @@ function requestPredict(t0) {
   }
   state.inFlight = true;
   const version = state.version;
-  postJSON("api/predict", { id: image.id, points: state.points, box: state.box, multimask: true })
+  const body = { id: image.id, points: state.points, box: state.box, multimask: true };
+  if (info.hq) body.hq_token_only = $("hq-token-only").checked;
+  postJSON("api/predict", body)
     .then(async (res) => {
       if (version !== state.version) return; // the prompt changed meanwhile: its own answer follows
       await showResult(res);
@@ -508,6 +510,11 @@ $("undo").addEventListener("click", undo);
 $("clear").addEventListener("click", clearAll);
 $("everything").addEventListener("click", segmentEverything);
 $("show-all").addEventListener("change", draw);
+// SAM-HQ: the same prompt again, with or without SAM's mask added to the HQ mask.
+$("hq-token-only").addEventListener("change", () => {
+  state.version++;
+  requestPredict(performance.now());
+});
 
 window.addEventListener("keydown", (e) => {
   if ((e.ctrlKey || e.metaKey) && e.key === "z" && e.target.tagName !== "INPUT") {
@@ -535,6 +542,7 @@ api("api/info")
   .then((i) => {
     info = i;
     $("model").textContent = i.model ? `model: ${i.model}` : "";
+    $("hq-token-only-label").hidden = !i.hq; // the option exists for SAM-HQ weights only
     $("points-per-side").value = i.everything.points_per_side;
     $("points-per-side").max = i.max_points_per_side;
     $("iou-thresh").value = i.everything.pred_iou_thresh;
