@@ -80,10 +80,27 @@ def test_hq_token_only_needs_sam_hq(tiny, tiny_hq):
     assert features.shape == (1, c.mask_input_size, c.mask_input_size, c.prompt_embed_dim // 8)
 
 
-def test_generate_from_embedding_refuses_sam_hq_clearly(tiny_hq):
+def test_generate_from_embedding_sam_hq(tiny_hq):
+    """SAM-HQ's masks from what a predictor holds (embedding + HQ features) are generate(image)'s;
+    without the HQ features, or with features of another shape, a clear ValueError."""
     from sam_jax import SamAutomaticMaskGenerator
 
-    amg = SamAutomaticMaskGenerator(tiny_hq.model, tiny_hq.params)
-    emb = np.zeros((1, 10, 10, 48), np.float32)
-    with pytest.raises(ValueError, match="a SAM-HQ model also needs the image's HQ features"):
+    image = np.asarray(np.random.default_rng(3).integers(0, 255, (90, 120, 3)), np.uint8)
+    amg = SamAutomaticMaskGenerator(
+        tiny_hq.model, tiny_hq.params, points_per_side=6, pred_iou_thresh=0.0, stability_score_thresh=0.0
+    )
+    want = amg.generate(image)
+    p = SamPredictor(tiny_hq.model, tiny_hq.params, compile_ahead=False)
+    p.set_image(image)
+    got = amg.generate_from_embedding(p.image_embeddings[0], image.shape[:2], p.hq_features[0])
+    assert len(got) == len(want) > 0
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g["segmentation"], w["segmentation"])
+        # The predictor's and the generator's encoder are separate compilations of the same
+        # function: float32 rounding may differ in the last bits.
+        assert g["predicted_iou"] == pytest.approx(w["predicted_iou"], abs=1e-5)
+    emb = p.image_embeddings[0]
+    with pytest.raises(ValueError, match="a SAM-HQ model also needs the image's hq_features"):
         amg.generate_from_embedding(emb, (100, 120))
+    with pytest.raises(ValueError, match=r"hq_features must be \(1, 40, 40, 6\)"):
+        amg.generate_from_embedding(emb, (100, 120), np.zeros((1, 40, 40, 5), np.float32))

@@ -146,19 +146,31 @@ class SamAutomaticMaskGenerator:
         results = self.runner.run(jobs, rgb)
         return [self._records(i, im.shape[:2], [r for r in results if r.job.image == i]) for i, im in enumerate(rgb)]
 
-    def generate_from_embedding(self, image_embedding: Any, original_size: Tuple[int, int]) -> List[Record]:
+    def generate_from_embedding(
+        self, image_embedding: Any, original_size: Tuple[int, int], hq_features: Any = None
+    ) -> List[Record]:
         """Masks from an embedding you already have (crop_n_layers must be 0): (1, e, e, C) NHWC
         as `SamPredictor.image_embeddings[i]`, or the official (1, C, e, e) NCHW layout as
-        `get_image_embedding()`; `original_size` is the image's (H, W)."""
+        `get_image_embedding()`; `original_size` is the image's (H, W). A SAM-HQ model also needs
+        the image's HQ features, (1, 4e, 4e, C/8) as `SamPredictor.hq_features[i]`."""
         if self.crop_n_layers != 0:
             raise ValueError("generate_from_embedding needs crop_n_layers=0: crops need their own embeddings")
-        if self.model.config.hq:
+        cfg = self.model.config
+        if cfg.hq and hq_features is None:
             raise ValueError(
-                "generate_from_embedding: a SAM-HQ model also needs the image's HQ features, which an "
-                "embedding does not carry; use generate(image)"
+                "generate_from_embedding: a SAM-HQ model also needs the image's hq_features "
+                "(SamPredictor.hq_features[i]), or use generate(image)"
             )
+        if not cfg.hq and hq_features is not None:
+            raise ValueError("hq_features: only a SAM-HQ model takes them; this model is SAM")
         size = _check_size(original_size)
-        emb = _check_embedding(image_embedding, self.model.config.embedding_size, self.model.config.prompt_embed_dim)
+        emb = _check_embedding(image_embedding, cfg.embedding_size, cfg.prompt_embed_dim)
+        if cfg.hq:
+            side, width = 4 * cfg.embedding_size, cfg.prompt_embed_dim // 8
+            hqf = np.asarray(hq_features)
+            if hqf.shape != (1, side, side, width):
+                raise ValueError(f"hq_features must be (1, {side}, {side}, {width}), got {hqf.shape}")
+            emb = (emb, hqf.astype(np.float32))
         jobs = self._jobs([size])
         results = self.runner.run(jobs, [np.zeros((*size, 0), np.uint8)], embeddings=[emb])
         return self._records(0, size, results)

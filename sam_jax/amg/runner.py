@@ -131,7 +131,7 @@ class Runner:
         self, jobs: Sequence[Job], images: Sequence[np.ndarray], embeddings: Optional[Sequence[jax.Array]] = None
     ) -> List[CropResult]:
         """All jobs (any layers), in groups of equal point count; results in job order.
-        `embeddings` (one (1, e, e, C) per job) skips the encoder."""
+        `embeddings` (one (1, e, e, C) per job; SAM-HQ: (it, HQ features)) skips the encoder."""
         results: List[Optional[CropResult]] = [None] * len(jobs)
         by_size = {}
         for i, job in enumerate(jobs):
@@ -163,7 +163,9 @@ class Runner:
             encode = pl.sharded(("encode", model), partial(pl.encode_job, model), mesh, 1, tuned=tuned)
             emb = encode(params, pl.put(padded, mesh), pl.put(sizes, mesh))
         else:
-            emb = pl.put(np.stack([np.asarray(e) for e in embeddings + embeddings[:1] * (size - n_real)]), mesh)
+            # One embedding per job (SAM-HQ: (embedding, HQ features), as `encode_job` gives).
+            stacked = lambda *xs: pl.put(np.stack([np.asarray(x) for x in xs]), mesh)  # noqa: E731
+            emb = jax.tree_util.tree_map(stacked, *(embeddings + embeddings[:1] * (size - n_real)))
 
         hp, wp = max(padded_side(h) for h, _ in hws), max(padded_side(w) for _, w in hws)
         rows, cols = [], []

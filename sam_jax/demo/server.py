@@ -168,7 +168,10 @@ class _Demo:
         start = time.perf_counter()
         try:
             generator = SamAutomaticMaskGenerator(self.model, self.params, output_mode="binary_mask", **options)
-            records = generator.generate_from_embedding(held.predictor.image_embeddings[0], held.size)
+            predictor = held.predictor
+            records = generator.generate_from_embedding(
+                predictor.image_embeddings[0], held.size, predictor.hq_features[0]
+            )
             coco = encoding.coco_records(records)
         except (ValueError, TypeError) as e:
             raise DemoError(str(e)) from None

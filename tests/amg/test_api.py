@@ -148,6 +148,8 @@ def test_generate_from_embedding_checks(tiny):
         gen.generate_from_embedding(np.zeros((1, e, e, c + 1)), (100, 100))
     with pytest.raises(ValueError, match="original_size"):
         gen.generate_from_embedding(np.zeros((1, e, e, c)), (100, 0))
+    with pytest.raises(ValueError, match="hq_features: only a SAM-HQ model"):
+        gen.generate_from_embedding(np.zeros((1, e, e, c)), (100, 100), np.zeros((1, 4 * e, 4 * e, c // 8)))
     crops = SamAutomaticMaskGenerator(tiny.model, tiny.params, points_per_side=2, crop_n_layers=1)
     with pytest.raises(ValueError, match="crop_n_layers"):
         crops.generate_from_embedding(np.zeros((1, e, e, c)), (100, 100))

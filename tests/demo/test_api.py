@@ -344,7 +344,7 @@ def test_bfloat16_model(tiny):
         assert r.status_code == 200, r.text
 
 
-@pytest.mark.full  # ~15 CPU-s: SAM-HQ's encoder and decoder programs compiled; the daily tier keeps the refusals
+@pytest.mark.full  # ~25 CPU-s: SAM-HQ's predictor and generator programs compiled; the daily tier keeps the refusals
 def test_hq_token_only(tiny_hq):
     """SAM-HQ weights: /api/info says so (the page then shows its "HQ token only" box) and
     predict passes hq_token_only to the predictor: the HQ mask alone, not SAM's + the HQ mask."""
@@ -366,6 +366,13 @@ def test_hq_token_only(tiny_hq):
             np.testing.assert_array_equal(masks_of(r.json()), masks)  # the same programs on the same inputs
         hq_only = in_fresh_thread(lambda: reference.predict(coords, labels, hq_token_only=True))[0]
         assert not np.array_equal(hq_only, masks)  # the flag changes the answer
+        # "Segment everything" on SAM-HQ: the generator's masks from the held embedding and HQ features.
+        options = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+        r = c.post("/api/everything", json={"id": image_id, **options})
+        assert r.status_code == 200, r.text
+        gen = SamAutomaticMaskGenerator(tiny_hq.model, tiny_hq.params, output_mode="binary_mask", **options)
+        expected = in_fresh_thread(lambda: gen.generate(PHOTO))
+        assert r.json()["count"] == len(expected) > 0
 
 
 @pytest.mark.parametrize(
