@@ -32,3 +32,24 @@ def load_image(name: str):
     import skimage.data
 
     return np.ascontiguousarray(getattr(skimage.data, name)()[..., :3])
+
+
+# sam_jax's precision modes, as a user switches them on a loaded model.
+SAM_JAX_VARIANTS = ("fp32", "bf16", "w8", "w8a8")
+
+
+def sam_jax_variant(model, params, variant: str):
+    """(model, params) of a loaded float sam_jax model in precision `variant` (SAM_JAX_VARIANTS):
+    "bf16" computes in bf16 on the fp32 params (`model.clone(dtype=bfloat16)`), "w8" / "w8a8" are
+    `sam_jax.quantize`'s modes (needs qwix)."""
+    if variant == "fp32":
+        return model, params
+    if variant == "bf16":
+        import jax.numpy as jnp
+
+        return model.clone(dtype=jnp.bfloat16), params
+    if variant in ("w8", "w8a8"):
+        from sam_jax.quantize import quantize
+
+        return quantize(model, params, variant)
+    raise ValueError(f"variant must be one of {SAM_JAX_VARIANTS}, got {variant!r}")
