@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from .. import backend
-from .common import SAM_LN_EPS, Dtype, MLPBlock, gelu, layer_norm
+from .common import SAM_LN_EPS, Dtype, MLPBlock, dense, gelu, is_low_precision, layer_norm, product, stream_dtype
 
 
 def window_partition(x: jax.Array, window: int) -> Tuple[jax.Array, Tuple[int, int]]:
@@ -76,7 +76,13 @@ def check_attention_impl(impl: str) -> None:
 
 
 def rel_pos_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, rel_h: jax.Array, rel_w: jax.Array, chunk_rows: Optional[int] = None
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    rel_h: jax.Array,
+    rel_w: jax.Array,
+    chunk_rows: Optional[int] = None,
+    dtype: Dtype = None,
 ) -> jax.Array:
     """softmax(scale * q.k + rel_h + rel_w) @ v over a grid.
 
@@ -84,15 +90,16 @@ def rel_pos_attention(
     rel_w: (B, nH, H, W, W), the decomposed relative-position terms of every query.
     chunk_rows: None computes all scores at once; r processes r grid rows of queries of one head
     at a time (H must be divisible by r). Rows are independent, so the result is the same.
+    dtype: the compute dtype of the two products (`common.product`); the softmax is float32.
     Returns (B, nH, H*W, hd).
     """
     b, n, h, w, hd = q.shape
 
     def block(qc, kc, vc, rhc, rwc):  # leading dims ..., r, w: one block of query rows
-        s = jnp.einsum("...rwc,...kc->...rwk", qc, kc).reshape(*qc.shape[:-1], h, w)
+        s = product(jnp.einsum, "...rwc,...kc->...rwk", qc, kc, dtype=dtype).reshape(*qc.shape[:-1], h, w)
         s = s + rhc[..., :, None] + rwc[..., None, :]
         s = jax.nn.softmax(s.reshape(*qc.shape[:-3], -1, h * w).astype(jnp.float32), axis=-1)
-        return jnp.einsum("...qk,...kc->...qc", s.astype(vc.dtype), vc)
+        return product(jnp.einsum, "...qk,...kc->...qc", s.astype(vc.dtype), vc, dtype=dtype)
 
     if chunk_rows is None or chunk_rows >= h:
         return block(q, k, v, rel_h, rel_w)
@@ -142,7 +149,7 @@ class Attention(nn.Module):
         rel_pos_w = self.param("rel_pos_w", nn.initializers.zeros, (2 * self.input_size[1] - 1, hd))
 
         # qkv channels are ordered [q | k | v], each head-major.
-        qkv_layer = nn.Dense(3 * dim, dtype=self.dtype, name="qkv")
+        qkv_layer = dense(3 * dim, self.dtype, "qkv")
         qkv = qkv_layer(x)
         if self.window_size > 0:
             gh, gw = x.shape[1:3]
@@ -159,31 +166,34 @@ class Attention(nn.Module):
 
         # Relative positions use the unscaled q.
         q = q.reshape(b, n, h, w, hd)
-        rel_h = jnp.einsum("bnhwc,hkc->bnhwk", q, get_rel_pos(h, h, rel_pos_h).astype(q.dtype))
-        rel_w = jnp.einsum("bnhwc,wkc->bnhwk", q, get_rel_pos(w, w, rel_pos_w).astype(q.dtype))
+        dt = self.dtype
+        rel_h = product(jnp.einsum, "bnhwc,hkc->bnhwk", q, get_rel_pos(h, h, rel_pos_h).astype(q.dtype), dtype=dt)
+        rel_w = product(jnp.einsum, "bnhwc,wkc->bnhwk", q, get_rel_pos(w, w, rel_pos_w).astype(q.dtype), dtype=dt)
         if self.attention_impl == "dot_product_attention":
             # The decomposed relative positions as a dense (B, nH, N, N) bias: cuDNN's fused
-            # attention on GPUs (bf16 / fp16), XLA's elsewhere.
+            # attention on GPUs (bf16 / fp16), XLA's elsewhere. Its inputs are in the compute
+            # dtype (it accumulates the scores and takes the softmax in float32 itself).
             bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, n, h * w, h * w)
+            cdt = dt if is_low_precision(dt) else q.dtype
 
-            def bthd(t):  # (B, nH, N, hd) -> (B, N, nH, hd)
-                return t.transpose(0, 2, 1, 3)
+            def bthd(t):  # (B, nH, N, hd) -> (B, N, nH, hd), in the compute dtype
+                return t.transpose(0, 2, 1, 3).astype(cdt)
 
             out = jax.nn.dot_product_attention(
                 bthd(q.reshape(b, n, h * w, hd)),
                 bthd(k),
                 bthd(v),
-                bias=bias.astype(q.dtype),
+                bias=bias.astype(cdt),
                 scale=hd**-0.5,
-                implementation=backend.fused_attention_kernel(q.dtype, hd),
+                implementation=backend.fused_attention_kernel(cdt, hd),
             )
             out = out.reshape(b, h, w, dim)
         else:
-            out = rel_pos_attention(q * (hd**-0.5), k, v, rel_h, rel_w, backend.attention_chunk_rows(h, w))
+            out = rel_pos_attention(q * (hd**-0.5), k, v, rel_h, rel_w, backend.attention_chunk_rows(h, w), dt)
             out = out.transpose(0, 2, 1, 3).reshape(b, h, w, dim)
         if self.window_size > 0:
             out = window_unpartition(out, self.window_size, padded, (gh, gw))
-        return nn.Dense(dim, dtype=self.dtype, name="proj")(out)
+        return dense(dim, self.dtype, "proj")(out)
 
 
 class Block(nn.Module):
@@ -313,8 +323,8 @@ class _Conv1x1(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (1, 1, x.shape[-1], self.features))
-        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        return x @ kernel[0, 0]
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=stream_dtype(self.dtype))
+        return product(jnp.matmul, x, kernel[0, 0], dtype=self.dtype)
 
 
 class _Conv3x3(nn.Module):
@@ -329,13 +339,13 @@ class _Conv3x3(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, c, self.features))
-        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=stream_dtype(self.dtype))
         h, w = x.shape[1:3]
         xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
         # Column block (i, j) holds input pixel (y + i - 1, x + j - 1): kernel[i, j] in flax's
         # (cross-correlation) convention, hence the (i, j, c) order of the reshaped kernel.
         cols = jnp.concatenate([xp[:, i : i + h, j : j + w] for i in range(3) for j in range(3)], axis=-1)
-        return cols @ kernel.reshape(9 * c, self.features)
+        return product(jnp.matmul, cols, kernel.reshape(9 * c, self.features), dtype=self.dtype)
 
 
 class PatchEmbed(nn.Module):
@@ -363,7 +373,8 @@ class _PatchProj(nn.Module):
         p, c = self.patch_size, x.shape[-1]
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (p, p, c, self.features))
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=stream_dtype(self.dtype))
         b, hh, ww = x.shape[0], x.shape[1] // p, x.shape[2] // p
         patches = x[:, : hh * p, : ww * p].reshape(b, hh, p, ww, p, c).transpose(0, 1, 3, 2, 4, 5)
-        return patches.reshape(b, hh, ww, p * p * c) @ kernel.reshape(p * p * c, self.features) + bias
+        patches, kernel = patches.reshape(b, hh, ww, p * p * c), kernel.reshape(p * p * c, self.features)
+        return product(jnp.matmul, patches, kernel, dtype=self.dtype) + bias

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .common import SAM_LN_EPS, Dtype, MatmulLayerNorm, MLP, gelu
+from .common import SAM_LN_EPS, Dtype, MatmulLayerNorm, MLP, conv, gelu, product, stream_dtype
 from .transformer import TwoWayTransformer
 
 # Decoders this narrow or narrower upscale in the channels-first layout (see MaskDecoder).
@@ -62,7 +62,7 @@ class MaskDecoder(nn.Module):
         if c <= CHANNELS_FIRST_MAX_DIM:
             self.output_upscaling_0 = _ConvTranspose2x2(c, c // 4, dt, "nhwc->nchw")
             self.output_upscaling_1 = nn.LayerNorm(
-                SAM_LN_EPS, use_fast_variance=False, reduction_axes=1, feature_axes=1, dtype=dt
+                SAM_LN_EPS, use_fast_variance=False, reduction_axes=1, feature_axes=1, dtype=stream_dtype(dt)
             )
             self.output_upscaling_3 = _ConvTranspose2x2(c // 4, c // 8, dt, "nchw")
         else:
@@ -183,6 +183,8 @@ class MaskDecoder(nn.Module):
         if self.hq:
             out_tokens.append(self.hf_token.embedding)
         out_tokens = jnp.broadcast_to(jnp.concatenate(out_tokens), (b, n_out, c))
+        if stream_dtype(self.dtype) is not None:  # a compute dtype: the tokens in its stream dtype
+            out_tokens = out_tokens.astype(stream_dtype(self.dtype))
         tokens = jnp.concatenate([out_tokens, sparse_prompt_embeddings.astype(out_tokens.dtype)], axis=1)
         if token_valid is not None:
             token_valid = jnp.concatenate([jnp.ones((b, n_out), bool), token_valid], axis=1)
@@ -263,7 +265,7 @@ class MaskDecoder(nn.Module):
         f = self.embedding_maskfeature_0(f)
         f = self.embedding_maskfeature_3(gelu(self.embedding_maskfeature_1(f)))
         f = f + hq_features.astype(f.dtype)
-        masks = jnp.einsum("bc,byxc->byx", hyper_in[:, 1], f.astype(hyper_in.dtype))[:, None]
+        masks = product(jnp.einsum, "bc,byxc->byx", hyper_in[:, 1], f.astype(hyper_in.dtype), dtype=self.dtype)[:, None]
         if hq_token_only:
             return masks
         return self._mask_product(hyper_in[:, :1], upscaled) + masks
@@ -295,9 +297,11 @@ class MaskDecoder(nn.Module):
     def _mask_product(self, hyper_in: jax.Array, upscaled: jax.Array) -> jax.Array:
         """Hypernetwork outputs (K, M, C/8) . `_upscaled` -> mask logits (K, M, 4h, 4w)."""
         if self.transformer_dim <= CHANNELS_FIRST_MAX_DIM:
-            return jnp.einsum("bmc,bcyx->bmyx", hyper_in, upscaled.astype(hyper_in.dtype))
+            return product(jnp.einsum, "bmc,bcyx->bmyx", hyper_in, upscaled.astype(hyper_in.dtype), dtype=self.dtype)
         k, hh, ww = upscaled.shape[:3]
-        masks = jnp.einsum("bmc,bhwikjlc->bmhijwkl", hyper_in, upscaled.astype(hyper_in.dtype))
+        masks = product(
+            jnp.einsum, "bmc,bhwikjlc->bmhijwkl", hyper_in, upscaled.astype(hyper_in.dtype), dtype=self.dtype
+        )
         return masks.reshape(k, masks.shape[1], 4 * hh, 4 * ww)
 
 
@@ -310,7 +314,7 @@ def _unblock(x: jax.Array) -> jax.Array:
 
 def _conv3x3(features: int, dtype: Dtype) -> nn.Conv:
     """torch's `nn.Conv2d(in, features, 3, 1, 1)` (with bias) in NHWC."""
-    return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype)
+    return conv(features, (3, 3), dtype, padding=((1, 1), (1, 1)))
 
 
 class _ConvTranspose2x2(nn.Module):
@@ -329,10 +333,10 @@ class _ConvTranspose2x2(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (2, 2, self.in_features, self.features))
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=stream_dtype(self.dtype))
         kernel = kernel[::-1, ::-1]
         if self.layout == "blocked":
-            return jnp.einsum("...c,abco->...abo", x, kernel) + bias
+            return product(jnp.einsum, "...c,abco->...abo", x, kernel, dtype=self.dtype) + bias
         spec = {"nhwc->nchw": "nyxc,abco->noyaxb", "nchw": "ncyx,abco->noyaxb"}[self.layout]
-        y = jnp.einsum(spec, x, kernel) + bias[:, None, None, None, None]
+        y = product(jnp.einsum, spec, x, kernel, dtype=self.dtype) + bias[:, None, None, None, None]
         return y.reshape(y.shape[0], self.features, 2 * y.shape[2], 2 * y.shape[4])

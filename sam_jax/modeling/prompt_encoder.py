@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .common import SAM_LN_EPS, Dtype, gelu, layer_norm
+from .common import SAM_LN_EPS, Dtype, conv, gelu, layer_norm
 
 PAD_LABEL = -10
 
@@ -74,11 +74,11 @@ class PromptEncoder(nn.Module):
         self.not_a_point_embed = nn.Embed(1, c)
         self.no_mask_embed = nn.Embed(1, c)
         m = self.mask_in_chans
-        self.mask_downscaling_0 = nn.Conv(m // 4, (2, 2), strides=(2, 2), padding="VALID", dtype=self.dtype)
+        self.mask_downscaling_0 = conv(m // 4, (2, 2), self.dtype, strides=(2, 2), padding="VALID")
         self.mask_downscaling_1 = layer_norm(SAM_LN_EPS, None, self.dtype)
-        self.mask_downscaling_3 = nn.Conv(m, (2, 2), strides=(2, 2), padding="VALID", dtype=self.dtype)
+        self.mask_downscaling_3 = conv(m, (2, 2), self.dtype, strides=(2, 2), padding="VALID")
         self.mask_downscaling_4 = layer_norm(SAM_LN_EPS, None, self.dtype)
-        self.mask_downscaling_6 = nn.Conv(c, (1, 1), dtype=self.dtype)
+        self.mask_downscaling_6 = conv(c, (1, 1), self.dtype)
 
     def get_dense_pe(self) -> jax.Array:
         """Positional encoding of the image-embedding grid, (h, w, C) NHWC without batch."""

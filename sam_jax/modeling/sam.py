@@ -38,7 +38,9 @@ def decoder_params(params: Dict[str, Any]) -> Dict[str, Any]:
 
 
 class Sam(nn.Module):
-    """Segment Anything. Build it with `sam_jax.build_sam`; call methods through `apply`:
+    """Segment Anything. Build it with `sam_jax.build_sam`; call methods through `apply`.
+    `dtype=jnp.bfloat16` (or `model.clone(dtype=...)` of a loaded model) computes the products in
+    bf16 with float32 accumulation, the rest in float32 (`modeling.common`); outputs are float32.
 
     >>> emb = model.apply({"params": params}, images, method=Sam.encode_image)
     >>> logits, iou = model.apply({"params": params}, emb, coords, labels, method=Sam.decode)
@@ -186,8 +188,9 @@ class Sam(nn.Module):
         prompt's IoU but the masks of only some (the automatic mask generator).
 
         Returns IoU predictions (B, M) float32, hypernetwork outputs (B, M, C/8) and image tokens
-        (B, h, w, C) NHWC, the last two in the compute dtype: `decode_masks` of any rows of them
-        equals those rows of `decode`'s logits.
+        (B, h, w, C) NHWC, the last two float32 for float32 params or a 16-bit `dtype` (see
+        `modeling.common`): `decode_masks` of any rows of them equals those rows of `decode`'s
+        logits.
         """
         if image_context is not None and mask_inputs is not None:
             raise ValueError(

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .common import SAM_LN_EPS, TORCH_LN_EPS, Dtype, gelu, layer_norm
+from .common import SAM_LN_EPS, TORCH_LN_EPS, Dtype, dense, gelu, layer_norm, product, stream_dtype
 from .image_encoder import _Conv1x1, _Conv3x3, window_partition, window_unpartition
 
 # torch.nn.BatchNorm2d's default epsilon (Conv2d_BN does not change it).
@@ -130,15 +130,23 @@ class Conv2dBN(nn.Module):
         kernel = _Kernel((k, k, cin, self.features), name="c")()
         a, b = _BatchNorm(self.features, name="bn")()
         kernel = kernel * a  # scales the output channels (the last axis, depthwise too)
-        x, kernel, b = nn.dtypes.promote_dtype(x, kernel, b, dtype=self.dtype)
+        # Under a 16-bit compute dtype the depthwise conv (multiply-adds, no product for matrix
+        # units) stays in float32 with the rest of the stream.
+        x, kernel, b = nn.dtypes.promote_dtype(x, kernel, b, dtype=stream_dtype(self.dtype))
         if self.depthwise:
             y = depthwise_conv(x, kernel, self.stride)
         elif k == 1 and self.stride == 1:
-            y = x @ kernel[0, 0]
+            y = product(jnp.matmul, x, kernel[0, 0], dtype=self.dtype)
         else:
             p = k // 2
-            y = jax.lax.conv_general_dilated(
-                x, kernel, (self.stride, self.stride), [(p, p), (p, p)], dimension_numbers=("NHWC", "HWIO", "NHWC")
+            y = product(
+                jax.lax.conv_general_dilated,
+                x,
+                kernel,
+                (self.stride, self.stride),
+                [(p, p), (p, p)],
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                dtype=self.dtype,
             )
         return y + b
 
@@ -192,13 +200,13 @@ class Attention(nn.Module):
         nh, kd, r = self.num_heads, c // self.num_heads, self.window_size
         biases = self.param("attention_biases", nn.initializers.zeros_init(), (nh, r * r))
         x = layer_norm(TORCH_LN_EPS, "norm", self.dtype)(x)
-        qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(x).reshape(b, n, nh, 3, kd)
+        qkv = dense(3 * c, self.dtype, "qkv")(x).reshape(b, n, nh, 3, kd)
         q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
-        s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * jnp.asarray(kd**-0.5, q.dtype)
+        s = product(jnp.einsum, "bqhd,bkhd->bhqk", q, k, dtype=self.dtype) * jnp.asarray(kd**-0.5, q.dtype)
         s = s + biases[:, attention_bias_idxs(r, r)].astype(s.dtype)
         p = jax.nn.softmax(s.astype(jnp.float32), axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", p, v).reshape(b, n, c)
-        return nn.Dense(c, dtype=self.dtype, name="proj")(out)
+        out = product(jnp.einsum, "bhqk,bkhd->bqhd", p, v, dtype=self.dtype).reshape(b, n, c)
+        return dense(c, self.dtype, "proj")(out)
 
 
 class Mlp(nn.Module):
@@ -210,8 +218,8 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         y = layer_norm(TORCH_LN_EPS, "norm", self.dtype)(x)
-        y = gelu(nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(y))
-        return nn.Dense(x.shape[-1], dtype=self.dtype, name="fc2")(y)
+        y = gelu(dense(self.hidden, self.dtype, "fc1")(y))
+        return dense(x.shape[-1], self.dtype, "fc2")(y)
 
 
 class TinyViTBlock(nn.Module):

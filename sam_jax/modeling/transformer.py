@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .common import TORCH_LN_EPS, Dtype, MatmulLayerNorm, MLPBlock, layer_norm
+from .common import TORCH_LN_EPS, Dtype, MatmulLayerNorm, MLPBlock, layer_norm, product, stream_dtype
 
 
 class _DenseParams(nn.Module):
@@ -95,8 +95,9 @@ class Attention(nn.Module):
         if projected is not None:
             return self._with_projected(projected, q, k, v, key_valid, (wq, bq, wk, bk, wv, bv, wo, bo))
         q, k, v, wq, bq, wk, bk, wv, bv, wo, bo = nn.dtypes.promote_dtype(
-            q, k, v, wq, bq, wk, bk, wv, bv, wo, bo, dtype=self.dtype
+            q, k, v, wq, bq, wk, bk, wv, bv, wo, bo, dtype=stream_dtype(self.dtype)
         )
+        mm, es = _products(self.dtype)
         b, n_q, n_k = q.shape[0], q.shape[1], k.shape[1]
         scale = jnp.sqrt(jnp.asarray(hd, q.dtype))
         plan = self.plan or attention_plan(n_q, n_k, c, internal, heads)
@@ -110,33 +111,33 @@ class Attention(nn.Module):
             return jax.nn.softmax(scores, axis=axis).astype(v.dtype)
 
         if plan == "few_queries":
-            qh = (q @ wq + bq).reshape(b, n_q, heads, hd)
-            g = jnp.einsum("bthd,chd->bthc", qh, wk.reshape(c, heads, hd)).reshape(b, n_q * heads, c)
-            shift = jnp.einsum("bthd,hd->bth", qh, bk.reshape(heads, hd)).reshape(b, n_q * heads, 1)
+            qh = (mm(q, wq) + bq).reshape(b, n_q, heads, hd)
+            g = es("bthd,chd->bthc", qh, wk.reshape(c, heads, hd)).reshape(b, n_q * heads, c)
+            shift = es("bthd,hd->bth", qh, bk.reshape(heads, hd)).reshape(b, n_q * heads, 1)
             # The official code divides the scores after q.k (not q before): keep that order.
             # Scores key-major, (B, Nk, Nq*heads): XLA:CPU runs k (Nk x C) @ g^T (C x Nq*heads)
             # faster than g @ k^T (vit_b decode, same-run A/B: ~5%); softmax over the keys axis.
-            scores = (jnp.einsum("bnc,bmc->bnm", k, g) + shift.reshape(b, 1, n_q * heads)) / scale
+            scores = (es("bnc,bmc->bnm", k, g) + shift.reshape(b, 1, n_q * heads)) / scale
             a = softmax(scores, None if key_valid is None else key_valid[:, :, None], axis=1)
-            z = jnp.einsum("bnm,bnc->bmc", a, v).reshape(b, n_q, heads, c)
-            out = jnp.einsum("bthc,chd->bthd", z, wv.reshape(c, heads, hd)) + bv.reshape(heads, hd)
-            return out.reshape(b, n_q, internal) @ wo + bo
+            z = es("bnm,bnc->bmc", a, v).reshape(b, n_q, heads, c)
+            out = es("bthc,chd->bthd", z, wv.reshape(c, heads, hd)) + bv.reshape(heads, hd)
+            return mm(out.reshape(b, n_q, internal), wo) + bo
         if plan == "few_keys":
-            kh = (k @ wk + bk).reshape(b, n_k, heads, hd)
-            vh = (v @ wv + bv).reshape(b, n_k, heads, hd)
-            g = jnp.einsum("bthd,chd->bcht", kh, wq.reshape(c, heads, hd)).reshape(b, c, heads * n_k)
-            shift = jnp.einsum("bthd,hd->bht", kh, bq.reshape(heads, hd)).reshape(b, 1, heads * n_k)
-            scores = ((q @ g + shift) / scale).reshape(b, n_q, heads, n_k)
+            kh = (mm(k, wk) + bk).reshape(b, n_k, heads, hd)
+            vh = (mm(v, wv) + bv).reshape(b, n_k, heads, hd)
+            g = es("bthd,chd->bcht", kh, wq.reshape(c, heads, hd)).reshape(b, c, heads * n_k)
+            shift = es("bthd,hd->bht", kh, bq.reshape(heads, hd)).reshape(b, 1, heads * n_k)
+            scores = ((mm(q, g) + shift) / scale).reshape(b, n_q, heads, n_k)
             a = softmax(scores, None if key_valid is None else key_valid[:, None, None, :])
-            u = jnp.einsum("bthd,hdc->bhtc", vh, wo.reshape(heads, hd, c)).reshape(b, heads * n_k, c)
-            return a.reshape(b, n_q, heads * n_k) @ u + bo
-        qh = (q @ wq + bq).reshape(b, n_q, heads, hd)
-        kh = (k @ wk + bk).reshape(b, n_k, heads, hd)
-        vh = (v @ wv + bv).reshape(b, n_k, heads, hd)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", qh, kh) / scale
+            u = es("bthd,hdc->bhtc", vh, wo.reshape(heads, hd, c)).reshape(b, heads * n_k, c)
+            return mm(a.reshape(b, n_q, heads * n_k), u) + bo
+        qh = (mm(q, wq) + bq).reshape(b, n_q, heads, hd)
+        kh = (mm(k, wk) + bk).reshape(b, n_k, heads, hd)
+        vh = (mm(v, wv) + bv).reshape(b, n_k, heads, hd)
+        scores = es("bqhd,bkhd->bhqk", qh, kh) / scale
         a = softmax(scores, None if key_valid is None else key_valid[:, None, None, :])
-        out = jnp.einsum("bhqk,bkhd->bqhd", a, vh).reshape(b, n_q, internal)
-        return out @ wo + bo
+        out = es("bhqk,bkhd->bqhd", a, vh).reshape(b, n_q, internal)
+        return mm(out, wo) + bo
 
     def _with_projected(self, projected, q, k, v, key_valid, weights) -> jax.Array:
         """The standard order of products with the image side's projections given, head-major
@@ -145,6 +146,7 @@ class Attention(nn.Module):
         image attending to tokens (the layouts XLA:CPU multiplies fastest: ~3% of a vit_b decode
         against k as (1, heads, hd, N)). One projected image side serves every prompt of the batch."""
         heads = self.num_heads
+        mm, es = _products(self.dtype)
         wq, bq, wk, bk, wv, bv, wo, bo = weights
 
         def softmax(scores, valid):
@@ -155,27 +157,39 @@ class Attention(nn.Module):
 
         if set(projected) == {"k", "v"}:  # tokens q attend to the projected image side
             pk, pv, q, wq, bq, wo, bo = nn.dtypes.promote_dtype(
-                projected["k"][0], projected["v"][0], q, wq, bq, wo, bo, dtype=self.dtype
+                projected["k"][0], projected["v"][0], q, wq, bq, wo, bo, dtype=stream_dtype(self.dtype)
             )
-            qh = (q @ wq + bq).reshape(*q.shape[:2], heads, -1)
+            qh = (mm(q, wq) + bq).reshape(*q.shape[:2], heads, -1)
             scale = jnp.sqrt(jnp.asarray(qh.shape[-1], qh.dtype))
-            scores = jnp.einsum("bqhd,hkd->bhqk", qh, pk) / scale
+            scores = es("bqhd,hkd->bhqk", qh, pk) / scale
             a = softmax(scores, None if key_valid is None else key_valid[:, None, None, :]).astype(pv.dtype)
-            out = jnp.einsum("bhqk,hdk->bqhd", a, pv)
-            return out.reshape(*out.shape[:2], -1) @ wo + bo
+            out = es("bhqk,hdk->bqhd", a, pv)
+            return mm(out.reshape(*out.shape[:2], -1), wo) + bo
         if set(projected) == {"q"}:  # the projected image side attends to tokens k, v
             pq, k, v, wk, bk, wv, bv, wo, bo = nn.dtypes.promote_dtype(
-                projected["q"][0], k, v, wk, bk, wv, bv, wo, bo, dtype=self.dtype
+                projected["q"][0], k, v, wk, bk, wv, bv, wo, bo, dtype=stream_dtype(self.dtype)
             )
-            kh = (k @ wk + bk).reshape(*k.shape[:2], heads, -1)
-            vh = (v @ wv + bv).reshape(*v.shape[:2], heads, -1)
+            kh = (mm(k, wk) + bk).reshape(*k.shape[:2], heads, -1)
+            vh = (mm(v, wv) + bv).reshape(*v.shape[:2], heads, -1)
             scale = jnp.sqrt(jnp.asarray(kh.shape[-1], kh.dtype))
-            scores = jnp.einsum("hqd,bkhd->bhqk", pq, kh) / scale
+            scores = es("hqd,bkhd->bhqk", pq, kh) / scale
             a = softmax(scores, None if key_valid is None else key_valid[:, None, None, :]).astype(vh.dtype)
             # The output projection folded into the few values first, as in the "few_keys" plan.
-            u = jnp.einsum("bkhd,hdc->bhkc", vh, wo.reshape(heads, -1, wo.shape[-1]))
-            return jnp.einsum("bhqk,bhkc->bqc", a, u) + bo
+            u = es("bkhd,hdc->bhkc", vh, wo.reshape(heads, -1, wo.shape[-1]))
+            return es("bhqk,bhkc->bqc", a, u) + bo
         raise ValueError(f"projected must hold 'k' and 'v', or 'q'; got {sorted(projected)}")
+
+
+def _products(dtype: Dtype):
+    """(matmul, einsum) in the compute dtype `dtype` (`common.product`)."""
+
+    def mm(a: jax.Array, b: jax.Array) -> jax.Array:
+        return product(jnp.matmul, a, b, dtype=dtype)
+
+    def es(spec: str, *operands: jax.Array) -> jax.Array:
+        return product(jnp.einsum, spec, *operands, dtype=dtype)
+
+    return mm, es
 
 
 class TwoWayAttentionBlock(nn.Module):

@@ -11,6 +11,7 @@ import pytest
 import skimage.data
 
 from sam_jax.amg import SamAutomaticMaskGenerator, pipeline
+from tests.modeling.test_bf16 import products
 
 # Every mask of every point is kept (no IoU, stability or NMS filter), so both runs return the same
 # 3 masks per point and each fp32 mask can be compared with the bf16 masks of its point.
@@ -25,11 +26,15 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 def test_bf16_amg_runs_and_matches_fp32(tiny):
     image = skimage.data.chelsea()[:200, :260]
     bf16 = tiny.model.clone(dtype=jnp.bfloat16)
-    # The decoder really computes in bf16 (its outputs before the float32 logits).
+    # The decoder really computes in bf16: its products take bf16 operands and return float32
+    # (the rest of it, and the logits the filters see, are float32); only layer 0's image side,
+    # projected once per crop (`modeling.image_context`), stays float32.
     cfg = tiny.model.config
     emb = jnp.zeros((1, cfg.embedding_size, cfg.embedding_size, cfg.prompt_embed_dim), jnp.float32)
-    _, hyper, tokens = pipeline.decode_tokens(bf16, tiny.params, emb, jnp.zeros((2, 2), jnp.float32))
-    assert hyper.dtype == tokens.dtype == jnp.bfloat16
+    coords = jnp.zeros((2, 2), jnp.float32)
+    eqns = products(lambda e: pipeline.decode_tokens(bf16, tiny.params, e, coords), emb)
+    assert all(e.outvars[0].aval.dtype == jnp.float32 for e in eqns)
+    assert sum(all(v.aval.dtype == jnp.bfloat16 for v in e.invars[:2]) for e in eqns) >= 20
 
     fp32 = SamAutomaticMaskGenerator(tiny.model, tiny.params, **KEEP_ALL).generate(image)
     half = SamAutomaticMaskGenerator(bf16, tiny.params, **KEEP_ALL).generate(image)
