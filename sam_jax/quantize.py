@@ -26,6 +26,11 @@ products in "w8a8" only. Convolutions (`lax.conv_general_dilated`) are left out:
 quantizes a convolution's input whenever it quantizes its kernel. The decoder's layer-0
 cross-attention projections must stay plain arrays anyway: `modeling.image_context` reads them.
 
+The SAM family takes the same groups: SAM-HQ's ViT is SAM's (its decoder additions stay float,
+float16 in "w8"); MobileSAM's TinyViT has its attention (qkv, proj) and MLP (fc1, fc2) matmuls in
+its transformer stages quantized, and its convolution stages float. Their fidelity against their own
+reference models is not measured: the figures below are vit_b's.
+
 Per-layer measurement, int8 with one scale per output channel: vit_b with randomised official
 weights (the test fixture's, seed 1), one photo (skimage.data.astronaut, 512 x 512 -> 1024), against
 the same model in float32 (which equals the official fp32 model to ~1e-4 x std); one group of layers
@@ -143,8 +148,8 @@ LAYERS: Dict[str, str] = {
     "qkv": _BLOCK + r"/attn/qkv",
     "attn_products": _BLOCK + r"/attn",  # q.k, attention @ v and the relative-position einsums
     "proj": _BLOCK + r"/attn/proj",
-    "mlp_lin1": _BLOCK + r"/mlp/lin1",
-    "mlp_lin2": _BLOCK + r"/mlp/lin2",
+    "mlp_lin1": _BLOCK + r"/mlp/(lin1|fc1)",  # SAM's ViT: lin1; MobileSAM's TinyViT: fc1
+    "mlp_lin2": _BLOCK + r"/mlp/(lin2|fc2)",
     "neck": r"image_encoder/neck_\d+",
     "decoder_attention": r"mask_decoder/transformer/(layers_\d+/)?\w*attn\w*",
     "decoder_mlp": r"mask_decoder/transformer/layers_\d+/mlp/lin\d",

@@ -289,3 +289,30 @@ def test_w8_save_load_round_trip(quantized, tmp_path):
     for (kw, w), (kg, g) in zip(want, got):
         assert kw == kg and w.dtype == g.dtype and w.shape == g.shape, kw
         np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.full  # ~50 s each: compiles TinyViT / SAM-HQ in two modes
+@pytest.mark.parametrize("name", ["tiny_mobile_sam", "tiny_hq"])
+def test_sam_family(name):
+    """MobileSAM's TinyViT and SAM-HQ quantize through the same groups and run in SamPredictor:
+    every attention and MLP matmul of the encoder's transformer blocks is int8 (TinyViT names its
+    MLP fc1 / fc2), and the masks have the float model's shapes."""
+    model = sam_jax.build_sam(name)
+    params = sam_jax.init_params(model, jax.random.PRNGKey(0))
+    matmuls = ("qkv", "proj", "lin1", "lin2", "fc1", "fc2")
+    float_kernels = [
+        "/".join(k)
+        for k in traverse_util.flatten_dict(params)
+        if k[0] == "image_encoder" and "blocks" in "/".join(k) and k[-2] in matmuls and k[-1] == "kernel"
+    ]
+    image = np.random.default_rng(0).integers(0, 255, (96, 128, 3)).astype(np.uint8)
+    point = dict(point_coords=np.array([[50.0, 40.0]]), point_labels=np.array([1]))
+    for mode in MODES:
+        qm, qp = quantize(model, params, mode)
+        flat = traverse_util.flatten_dict(qp, is_leaf=lambda _, x: _is_aux(x))
+        quantized = sorted("/".join(k) for k, v in flat.items() if _is_aux(v))
+        assert quantized == sorted(float_kernels) and len(quantized) >= 12, quantized
+        p = sam_jax.SamPredictor(qm, qp, compile_ahead=False)
+        p.set_image(image)
+        masks, scores, _ = p.predict(**point)
+        assert masks.shape[1:] == (96, 128) and np.all(np.isfinite(scores))
