@@ -80,6 +80,7 @@ def test_hq_token_only_needs_sam_hq(tiny, tiny_hq):
     assert features.shape == (1, c.mask_input_size, c.mask_input_size, c.prompt_embed_dim // 8)
 
 
+@pytest.mark.full  # ~8 s: compiles the generator for SAM-HQ; tests/amg/test_parity.py runs tiny_hq AMG daily
 def test_generate_from_embedding_sam_hq(tiny_hq):
     """SAM-HQ's masks from what a predictor holds (embedding + HQ features) are generate(image)'s;
     without the HQ features, or with features of another shape, a clear ValueError."""

@@ -22,7 +22,8 @@ def _run(capsys, *args: str):
     return rc, out, err
 
 
-@pytest.mark.parametrize("mode", ["w8", "w8a8"])
+# w8a8 in the full tier: ~10 s compiling its predictor, and test_quantize's daily tier runs it already.
+@pytest.mark.parametrize("mode", ["w8", pytest.param("w8a8", marks=pytest.mark.full)])
 def test_quantizes_into_a_file_that_loads(tiny, tmp_path, capsys, mode):
     out = str(tmp_path / f"tiny_{mode}.safetensors")
     rc, stdout, err = _run(capsys, tiny.weights, out, "--mode", mode)
