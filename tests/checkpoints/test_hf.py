@@ -132,10 +132,14 @@ def test_config_from_hf_defaults_and_refusals():
 
 
 def _hf_from_official(torch_model, cfg) -> torch.nn.Module:
-    """A transformers SamModel holding the official weights, loaded strictly by name."""
+    """A transformers SamModel (SamHQModel for SAM-HQ) holding the official weights, loaded
+    strictly by name."""
     state = official_to_hf(torch_model.state_dict())
     state[PE_HF_TIED] = state[PE_HF]  # load_state_dict wants both names of the tied parameter
-    hf = HFSamModel(HFSamConfig.from_dict(hf_config(cfg))).eval()
+    model_class, config_class = (
+        (transformers.SamHQModel, transformers.SamHQConfig) if cfg.hq else (HFSamModel, HFSamConfig)
+    )
+    hf = model_class(config_class.from_dict(hf_config(cfg))).eval()
     hf.load_state_dict(state, strict=True)
     return hf
 

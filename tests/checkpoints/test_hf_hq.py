@@ -19,7 +19,6 @@ import sam_jax
 from convert.__main__ import main as convert_main
 from sam_jax.checkpoints import ConversionError, convert_state_dict
 from sam_jax.checkpoints.hf import (
-    PE_HF,
     PE_HF_TIED,
     config_from_hf,
     convert_hf_state_dict,
@@ -29,7 +28,16 @@ from sam_jax.checkpoints.hf import (
     official_to_hf,
 )
 from tests import reference
-from tests.checkpoints.test_hf import EMBED_TOL, IOU_TOL, LOGITS_TOL, PROMPTS, _prompts, assert_same_params, hf_load
+from tests.checkpoints.test_hf import (
+    EMBED_TOL,
+    IOU_TOL,
+    LOGITS_TOL,
+    PROMPTS,
+    _hf_from_official,
+    _prompts,
+    assert_same_params,
+    hf_load,
+)
 
 transformers = reference.import_transformers()
 HFSamHQConfig, HFSamHQModel = transformers.SamHQConfig, transformers.SamHQModel
@@ -108,15 +116,6 @@ def test_config_json_refusals():
 
 # ---------------------------------------------------------------------------------------------
 # Conversion through the CLI, both directions
-
-
-def _hf_from_official(torch_model, cfg) -> torch.nn.Module:
-    """A transformers SamHQModel holding the official SAM-HQ weights, loaded strictly by name."""
-    state = official_to_hf(torch_model.state_dict())
-    state[PE_HF_TIED] = state[PE_HF]  # load_state_dict wants both names of the tied parameter
-    hf = HFSamHQModel(HFSamHQConfig.from_dict(hf_config(cfg))).eval()
-    hf.load_state_dict(state, strict=True)
-    return hf
 
 
 def test_save_pretrained_folder_converts_in(tiny_hq, tmp_path):
