@@ -301,9 +301,11 @@ def tiny_state(tiny_hf):
     return load_file(os.path.join(tiny_hf, "model.safetensors"))
 
 
-def _error(state) -> str:
+def _error(state, config=None) -> str:
+    """The ConversionError converting `state` raises (config: config.json's dict, or None): at
+    most 8 lines."""
     with pytest.raises(ConversionError) as e:
-        convert_hf_state_dict(state)
+        convert_hf_state_dict(state, config=config)
     text = str(e.value)
     assert len(text.splitlines()) <= 8
     return text

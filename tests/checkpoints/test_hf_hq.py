@@ -33,6 +33,7 @@ from tests.checkpoints.test_hf import (
     IOU_TOL,
     LOGITS_TOL,
     PROMPTS,
+    _error,
     _hf_from_official,
     _prompts,
     assert_same_params,
@@ -293,14 +294,6 @@ def test_transformers_samhq_upscales_the_wrong_tensor(tiny_hq_hf, tiny_hq_parity
 @pytest.fixture
 def hq_state(tiny_hq_hf):
     return load_file(os.path.join(tiny_hq_hf, "model.safetensors"))
-
-
-def _error(state, config=None) -> str:
-    with pytest.raises(ConversionError) as e:
-        convert_hf_state_dict(state, config=config)
-    text = str(e.value)
-    assert len(text.splitlines()) <= 8
-    return text
 
 
 def test_missing_hq_keys_are_named(hq_state):
