@@ -40,7 +40,6 @@ import numpy as np
 from .._atomic import atomic_file, atomic_folder, remove_stale
 from ..amg import SamAutomaticMaskGenerator
 from ..amg.checks import check_generator_args
-from ..checkpoints import load
 from .common import (
     ImageError,
     Parser,
@@ -48,6 +47,7 @@ from .common import (
     add_hq_token_only_argument,
     add_weights_argument,
     check_hq_token_only,
+    load_weights,
     read_image,
     run_command,
 )
@@ -227,10 +227,7 @@ def run(args: argparse.Namespace, prog: str) -> int:
         except (ValueError, RuntimeError) as e:
             raise UsageError(f"--distributed: {e}") from None
         files = files[jax.process_index() :: jax.process_count()]
-    try:
-        model, params = load(args.weights)
-    except (FileNotFoundError, ValueError) as e:
-        raise UsageError(str(e)) from None
+    model, params = load_weights(args.weights)
     hq_token_only = check_hq_token_only(args, model)
     os.makedirs(args.out, exist_ok=True)
     gen = SamAutomaticMaskGenerator(model, params, output_mode=args.output_mode, hq_token_only=hq_token_only, **opts)

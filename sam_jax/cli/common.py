@@ -56,6 +56,17 @@ def add_hq_token_only_argument(p: argparse.ArgumentParser) -> None:
     )
 
 
+def load_weights(weights: str):
+    """`(model, params)` of WEIGHTS as `sam_jax.load` reads it (a name or a path); a missing file or
+    weights that do not load are a UsageError (one line, exit status 2)."""
+    from ..checkpoints import load
+
+    try:
+        return load(weights)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+
 def check_hq_token_only(args: argparse.Namespace, model) -> bool:
     """args.hq_token_only, or UsageError when it is given for weights that are not SAM-HQ's."""
     if args.hq_token_only and not model.config.hq:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from .common import Parser, UsageError, add_weights_argument, run_command
+from .common import Parser, UsageError, add_weights_argument, load_weights, run_command
 
 
 def build_parser(prog: str = "sam-jax demo") -> argparse.ArgumentParser:
@@ -57,7 +57,6 @@ def run(args: argparse.Namespace, prog: str) -> int:
         import uvicorn  # noqa: F401
     except ImportError as e:
         raise UsageError(f"the demo needs its extra: pip install 'sam-jax[demo]' ({e})") from None
-    from ..checkpoints import load
     from ..demo import create_app, serving
 
     try:
@@ -65,10 +64,7 @@ def run(args: argparse.Namespace, prog: str) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     with sock:
-        try:
-            model, params = load(args.weights)
-        except (FileNotFoundError, ValueError) as e:
-            raise UsageError(str(e)) from None
+        model, params = load_weights(args.weights)
         if args.dtype != "float32":
             import jax.numpy as jnp
 

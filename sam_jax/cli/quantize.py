@@ -17,7 +17,7 @@ import os
 import time
 from typing import Optional, Sequence
 
-from .common import Parser, UsageError, run_command
+from .common import Parser, UsageError, load_weights, run_command
 
 MODES = ("w8", "w8a8")  # sam_jax.quantize.MODES, without importing qwix for --help
 
@@ -62,13 +62,10 @@ def run(args: argparse.Namespace, prog: str) -> int:
         from ..quantize import is_quantized, param_bytes, quantize
     except ImportError as e:
         raise UsageError(f"needs qwix ({e}): pip install 'sam-jax[quant]'") from None
-    from ..checkpoints import load, save
+    from ..checkpoints import save
 
     t0 = time.perf_counter()
-    try:
-        model, params = load(args.src)
-    except (FileNotFoundError, ValueError) as e:
-        raise UsageError(str(e)) from None
+    model, params = load_weights(args.src)
     if is_quantized(model, params):
         raise UsageError(f"{args.src} is already quantized")
     qmodel, qparams = quantize(model, params, args.mode)

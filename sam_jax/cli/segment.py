@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set, Tupl
 import numpy as np
 
 from .._atomic import atomic_file
-from ..checkpoints import load
 from ..predictor import SamPredictor
 from .common import (
     Parser,
@@ -37,6 +36,7 @@ from .common import (
     add_hq_token_only_argument,
     add_weights_argument,
     check_hq_token_only,
+    load_weights,
     read_image,
     run_command,
 )
@@ -166,10 +166,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         raise UsageError(f"--out {args.out} exists and is not a folder")
     image = read_image(args.image)
     check_prompts(args.point, args.box, image.shape[:2])
-    try:
-        model, params = load(args.weights)
-    except (FileNotFoundError, ValueError) as e:
-        raise UsageError(str(e)) from None
+    model, params = load_weights(args.weights)
     hq_token_only = check_hq_token_only(args, model)
     predictor = SamPredictor(model, params, compile_ahead=False)  # one image, one call: compile what it runs
     try:
