@@ -1,8 +1,9 @@
 """Low precision, both sides, one run: the official SAM in fp32, under bf16 autocast and with int8
 dynamic quantization, against sam_jax in fp32, bf16, w8 and w8a8, on the same weights.
 
-    python bench/precision.py [--model vit_b] [--image coffee] [--repeats 3] [--rows set_image predict]
-                              [--variants ...] [--no-memory] [--json bench/precision_results.json]
+    python bench/precision.py [--model vit_b] [--image coffee] [--repeats 3] [--rows set_image predict amg]
+                              [--variants ...] [--amg-variants ...] [--amg-repeats 1] [--no-memory]
+                              [--json bench/precision_results.json]
     python bench/precision.py --model tiny --repeats 1 --json /tmp/p.json   # checks the script runs
 
 First, a GEMM yardstick (2048^3, same process): XLA fp32, bf16 x bf16 -> bf16, bf16 x bf16 -> f32
@@ -10,10 +11,12 @@ First, a GEMM yardstick (2048^3, same process): XLA fp32, bf16 x bf16 -> bf16, b
 matrix units give each precision, so that the rows below can be read: on a CPU without fast bf16 /
 int8 (no AMX, no AVX512-BF16 / VNNI), low precision cannot pay and the rows show its cost.
 
-Then, per variant (`VARIANTS`), `set_image` (resize + encoder) and `predict` (1 point, multimask,
-full-size masks): the first call (sam_jax: tracing + compilation) and the median of `--repeats`
-calls; "vs ref": the ratio to the faster of official fp32 and official bf16 autocast in the same
-run (issue 27's reference), "vs fp32": to official fp32. The variants' parameter bytes, and with
+Then, per variant (`VARIANTS`), `set_image` (resize + encoder: the resize is ~1% of it), `predict`
+(1 point, multimask, full-size masks) and, for `--amg-variants` only, "amg" (`generate(image)`
+with the default settings, image encoding included; `--amg-repeats` calls): the first call
+(sam_jax: tracing + compilation) and the median of the repeats; "vs ref": the ratio to the faster
+of official fp32 and official bf16 autocast in the same run (issue 27's reference), "vs fp32": to
+official fp32. The variants' parameter bytes, and with
 memory on, each variant's peak resident memory alone in a fresh process (load, set_image, predict).
 
 Both sides get the same randomised checkpoint (tests/reference/, converted by the real converter,
@@ -56,7 +59,10 @@ from convert.__main__ import main as convert_main  # noqa: E402
 
 OFFICIAL_VARIANTS = ("official fp32", "official bf16", "official int8")
 VARIANTS = OFFICIAL_VARIANTS + tuple(f"sam_jax {v}" for v in SAM_JAX_VARIANTS)
-ROWS = ("set_image", "predict")
+ROWS = ("set_image", "predict", "amg")
+# The AMG row (default settings: 32 x 32 points) takes minutes a call on a CPU for the official
+# generator (~3 min on vit_b, 2 cores): by default only these variants run it, `--amg-repeats` times.
+AMG_VARIANTS = ("official fp32", "sam_jax fp32", "sam_jax bf16")
 
 
 def _rate(fn: Callable[[], Any], flop: float, seconds: float = 1.0) -> float:
@@ -129,22 +135,37 @@ def _timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
-def _calls(pred, image: np.ndarray) -> Dict[str, Callable[[], Any]]:
+def _calls(pred, image: np.ndarray, generator=None) -> Dict[str, Callable[[], Any]]:
     h, w = image.shape[:2]
     point = dict(point_coords=np.array([[w * 0.45, h * 0.55]]), point_labels=np.array([1]))
-    return {"set_image": lambda: pred.set_image(image), "predict": lambda: pred.predict(**point)}
+    calls = {"set_image": lambda: pred.set_image(image), "predict": lambda: pred.predict(**point)}
+    if generator is not None:
+        calls["amg"] = lambda: generator.generate(image)
+    return calls
 
 
-def time_variant(pred, image: np.ndarray, rows, repeats: int) -> Dict[str, Any]:
+def generator(name: str, pred, model_type: str):
+    """The automatic mask generator (default settings) of variant `name` over its predictor's model."""
+    if name in OFFICIAL_VARIANTS:
+        from bench.predictor import reference_package
+
+        return reference_package(model_type).SamAutomaticMaskGenerator(pred.model)
+    return sam_jax.SamAutomaticMaskGenerator(pred.model, pred.params)
+
+
+def time_variant(pred, image: np.ndarray, rows, repeats: int, gen=None, amg_repeats: int = 1) -> Dict[str, Any]:
     """Per row: the first call (sam_jax: tracing + compilation; set_image's is the variant's very
-    first call, which every later row needs) and the median of `repeats` more."""
-    calls = _calls(pred, image)
+    first call, which every later row needs) and the median of `repeats` more (`amg_repeats` for
+    "amg", run only with a generator `gen`)."""
+    calls = _calls(pred, image, gen)
     out = {}
     with torch.no_grad():
         first_set = _timed(calls["set_image"])
         for row in rows:
+            if row not in calls:
+                continue
             first = first_set if row == "set_image" else _timed(calls[row])
-            times = [_timed(calls[row]) for _ in range(repeats)]
+            times = [_timed(calls[row]) for _ in range(amg_repeats if row == "amg" else repeats)]
             out[row] = {"first_call_s": first, "median_s": statistics.median(times), "all_s": times}
     return out
 
@@ -164,13 +185,15 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--amg-variants", nargs="*", default=list(AMG_VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--amg-repeats", type=int, default=1)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
     p.add_argument("--json", default=os.path.join(ROOT, "bench", "precision_results.json"))
     p.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--memory-child", nargs=2, metavar=("VARIANT", "WORKDIR"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.repeats < 1:
-        p.error("--repeats must be >= 1")
+    if args.repeats < 1 or args.amg_repeats < 1:
+        p.error("--repeats and --amg-repeats must be >= 1")
     torch.set_num_threads(args.torch_threads)
     if args.memory_child:
         memory_child(*args.memory_child, args.image)
@@ -198,15 +221,16 @@ def main(argv=None) -> int:
     results: Dict[str, Dict[str, Any]] = {}
     for name in variants:
         pred, nbytes = predictor(name, tmp.name, tm)
-        results[name] = time_variant(pred, image, args.rows, args.repeats)
+        gen = generator(name, pred, args.model) if "amg" in args.rows and name in args.amg_variants else None
+        results[name] = time_variant(pred, image, args.rows, args.repeats, gen, args.amg_repeats)
         results[name]["param_bytes"] = nbytes
         if not args.no_memory:
             cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", name, tmp.name, "--image", args.image]
             res = subprocess.run(cmd, capture_output=True, text=True, check=True)
             results[name]["peak_rss_mb"] = json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_mb"]
-        del pred
+        del pred, gen
         res = results[name]
-        timings = [f"{r} {res[r]['median_s']:.4f} s (1st {res[r]['first_call_s']:.2f})" for r in args.rows]
+        timings = [f"{r} {res[r]['median_s']:.4f} s (1st {res[r]['first_call_s']:.2f})" for r in args.rows if r in res]
         print(f"  {name}: " + ", ".join(timings), flush=True)
     tmp.cleanup()
     print_table(results, args.rows)
@@ -231,7 +255,7 @@ def main(argv=None) -> int:
 
 def print_table(results: Dict[str, Dict[str, Any]], rows: List[str]) -> None:
     def ref(row: str):
-        times = [results[v][row]["median_s"] for v in ("official fp32", "official bf16") if v in results]
+        times = [results[v][row]["median_s"] for v in ("official fp32", "official bf16") if row in results.get(v, {})]
         return min(times) if times else None
 
     head = f"{'variant':<16}" + "".join(f" {r + ' s':>13} {'vs ref':>7} {'vs fp32':>7}" for r in rows)
@@ -241,6 +265,9 @@ def print_table(results: Dict[str, Dict[str, Any]], rows: List[str]) -> None:
     for name, res in results.items():
         line = f"{name:<16}"
         for r in rows:
+            if r not in res:
+                line += f" {'-':>13} {'-':>7} {'-':>7}"
+                continue
             t, base, fp32 = res[r]["median_s"], ref(r), results.get("official fp32", {}).get(r)
             line += f" {t:>13.4f} {t / base if base else float('nan'):>7.3f}"
             line += f" {t / fp32['median_s'] if fp32 else float('nan'):>7.3f}"
