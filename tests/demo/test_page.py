@@ -106,6 +106,8 @@ def test_page_prompts(tiny, browser, page, photo):
     with serve(create_app(tiny.model, tiny.params, cache_size=1, name="tiny")) as url:
         photo_only, at = open_page(page, url, photo)
 
+        assert not page.locator("#hq-token-only-label").is_visible()  # SAM weights: no HQ option
+        assert "three masks for each prompt" in page.inner_text("#candidates")
         # A left click: a positive point, the best of three masks drawn over the photo.
         act(page, lambda: page.mouse.click(*at(300, 200)))
         points, box = prompts(page)
@@ -180,6 +182,22 @@ def test_page_prompts(tiny, browser, page, photo):
         assert page.inner_text("#status") == (
             "this image is no longer held by the server (only the last one is kept): open it again"
         )
+
+
+@pytest.mark.full  # ~10 s: the browser, and the SAM-HQ predictor's compilation
+def test_page_sam_hq(tiny_hq, page, photo):
+    """With SAM-HQ weights the page offers the "HQ token only" option and says, and shows, one
+    mask per prompt (SAM-HQ's predictor returns its HQ mask alone); with SAM's it says three."""
+    with serve(create_app(tiny_hq.model, tiny_hq.params, cache_size=1, name="tiny_hq")) as url:
+        page.goto(url)
+        page.wait_for_function("document.getElementById('model').textContent === 'model: tiny_hq'")
+        assert page.locator("#hq-token-only-label").is_visible()
+        assert "one mask for each prompt" in page.inner_text("#candidates")
+        open_photo(page, photo)
+        origin = page.locator("#canvas").bounding_box()
+        act(page, lambda: page.mouse.click(origin["x"] + 300, origin["y"] + 200))
+        assert page.locator(".candidate").count() == 1
+        assert shown_mask(page).any()
 
 
 @pytest.mark.full  # ~20 s on a 2-core CPU, most of it compiling the generator's programs

@@ -392,11 +392,18 @@ function nextFrame(t0) {
   });
 }
 
+function candidatesHint() {
+  // SAM-HQ's predictor returns one mask per prompt (its HQ output), SAM's three.
+  return info.hq
+    ? "SAM-HQ proposes one mask for each prompt."
+    : "The model proposes three masks for each prompt; the best is shown. Pick another here.";
+}
+
 async function showCandidates() {
   const list = $("candidates");
   const r = state.result;
   if (!r) {
-    list.innerHTML = '<p class="hint">The model proposes three masks for each prompt; the best is shown. Pick another here.</p>';
+    list.innerHTML = `<p class="hint">${candidatesHint()}</p>`;
     return;
   }
   await Promise.all(r.bitmaps.map(async (b, k) => {
@@ -543,6 +550,7 @@ api("api/info")
     info = i;
     $("model").textContent = i.model ? `model: ${i.model}` : "";
     $("hq-token-only-label").hidden = !i.hq; // the option exists for SAM-HQ weights only
+    if (!state.result) $("candidates").innerHTML = `<p class="hint">${candidatesHint()}</p>`;
     $("points-per-side").value = i.everything.points_per_side;
     $("points-per-side").max = i.max_points_per_side;
     $("iou-thresh").value = i.everything.pred_iou_thresh;
