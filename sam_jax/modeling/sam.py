@@ -42,8 +42,12 @@ class Sam(nn.Module):
     `dtype=jnp.bfloat16` (or `model.clone(dtype=...)` of a loaded model) computes the products in
     bf16 with float32 accumulation, the rest in float32 (`modeling.common`); outputs are float32.
 
-    >>> emb = model.apply({"params": params}, images, method=Sam.encode_image)
-    >>> logits, iou = model.apply({"params": params}, emb, coords, labels, method=Sam.decode)
+    >>> emb = model.apply({"params": params}, images, method="encode_image")
+    >>> logits, iou = model.apply({"params": params}, emb, coords, labels, method="decode")
+
+    Name the method (a string, or the bound `model.encode_image`): a quantized model
+    (`sam_jax.quantize`) intercepts its methods by name, and the unbound `Sam.encode_image` of the
+    float class would bypass that.
 
     `decode` is `decode_tokens` (every prompt's IoU) then `decode_masks` (logits for any subset).
     """
