@@ -109,11 +109,9 @@ def _episode(
     # The next round sees the mask a user would: the one with the highest predicted IoU.
     pick = jnp.argmax(aux0["iou_pred"], axis=1)
     prev = jnp.take_along_axis(aux0["logits"], pick[:, None, None, None], axis=1)[:, 0]
-    metrics = {
-        "loss_first": loss0,
-        "iou_first": jnp.mean(aux0["iou_of_predicted_best"]),
-        "iou_mse_first": jnp.mean(aux0["iou_mse"]),
-    }
+    metrics = {"loss_first": loss0, "iou_first": jnp.mean(aux0["iou_of_predicted_best"])}
+    if hq_features is None:  # SAM-HQ's IoU prediction is its SAM token's, not the HQ mask's: no figure
+        metrics["iou_mse_first"] = jnp.mean(aux0["iou_mse"])
     if pc.later_rounds == 0:
         return loss0, {**metrics, "loss": loss0, "iou_last": metrics["iou_first"]}
 
@@ -167,7 +165,8 @@ def interactive_loss(
     Returns:
       (scalar loss, metrics): "loss", "loss_first", "iou_first" (true IoU of the first round's
       mask with the highest predicted IoU, what a user clicking once would get), "iou_mse_first"
-      and "iou_last" (IoU after the last round), all scalars averaged over prompts.
+      (not for SAM-HQ, whose IoU prediction is not the HQ mask's) and "iou_last" (IoU after the
+      last round), all scalars averaged over prompts.
     """
     if gt_masks.ndim != 3:
         raise ValueError(f"gt_masks must be (P, S, S), got shape {gt_masks.shape}")

@@ -104,6 +104,7 @@ def test_only_hq_parts_move(setup):
     for t in range(2):
         state, metrics = step(state, _batch(samples, cached, t), jax.random.PRNGKey(t))
         assert np.isfinite(float(metrics["loss"]))
+        assert "iou_mse_first" not in metrics  # SAM-HQ's IoU prediction is not the HQ mask's
     after = {k: np.array(v) for k, v in flatten_params(state.params).items()}
     train = [k for k in labels if labels[k] == "train"]
     assert train and all(k.startswith("mask_decoder/") for k in train)
