@@ -120,6 +120,23 @@ class Sam(nn.Module):
         hq_features = self.mask_decoder.hq_features(emb, interm)
         return emb.astype(jnp.float32), hq_features.astype(jnp.float32)
 
+    def encode_image_interm(self, images: jax.Array) -> Tuple[jax.Array, jax.Array]:
+        """SAM-HQ (config.hq): (B, S, S, 3) preprocessed NHWC images -> the embeddings (B, h, w, C)
+        and the ViT's tokens after its first global block (B, h, w, encoder width), both float32:
+        what `hq_features` takes (fine-tuning caches these, as the HQ features come from
+        trainable layers)."""
+        if not self.config.hq:
+            raise ValueError("encode_image_interm is SAM-HQ's (config.hq); use encode_image")
+        emb, interm = self.image_encoder(images, interm=True)
+        return emb.astype(jnp.float32), interm.astype(jnp.float32)
+
+    def hq_features(self, embeddings: jax.Array, interm_embeddings: jax.Array) -> jax.Array:
+        """SAM-HQ (config.hq): the HQ features (B, 4h, 4w, C/8) that `decode` / `decode_masks`
+        take, from `encode_image_interm`'s two outputs; float32."""
+        if not self.config.hq:
+            raise ValueError("hq_features is SAM-HQ's (config.hq)")
+        return self.mask_decoder.hq_features(embeddings, interm_embeddings).astype(jnp.float32)
+
     def encode_image_layers(self, x: jax.Array, start: int, stop: int) -> jax.Array:
         """One stage of `encode_image`: the image encoder's half-blocks start..stop-1 (static; 2i
         is block i's attention half, 2i + 1 its MLP half; see `ImageEncoderViT.__call__`). x is the

@@ -7,7 +7,7 @@ resolution the losses are computed at and `prompts` for how prompts are simulate
 SAM-HQ (`hq_features` given): the loss is on the HQ mask alone, decoded with `hq_token_only=True`
 and single-mask output, as the HQ-SAM paper trains (its training script: `multimask_output=False,
 hq_token_only=True`, BCE + dice on that mask; `losses.HQ_LOSS`). hq_features are
-`Sam.mask_decoder.hq_features` of the image: computed from trainable parameters, so inside the
+`Sam.hq_features` of the image: computed from trainable parameters, so inside the
 gradient (see `step.make_train_step`).
 """
 
@@ -32,16 +32,12 @@ from .prompts import (
 Params = Dict[str, Any]
 
 
-def _hq_features_method(m: Sam, embeddings: jax.Array, interm_embeddings: jax.Array) -> jax.Array:
-    return m.mask_decoder.hq_features(embeddings, interm_embeddings).astype(jnp.float32)
-
-
 def hq_features(model: Sam, params: Params, embeddings: jax.Array, interm_embeddings: jax.Array) -> jax.Array:
     """SAM-HQ's per-image HQ features from the frozen encoder's outputs (`step.encoder_outputs`):
     embeddings (B, h, w, C) and interm_embeddings (B, h, w, encoder width) NHWC -> (B, 4h, 4w,
     C/8) NHWC float32, what `decode_loss` / `interactive_loss` take. Differentiable in params
     (embedding_encoder and compress_vit_feat are trained)."""
-    return model.apply({"params": params}, embeddings, interm_embeddings, method=_hq_features_method)
+    return model.apply({"params": params}, embeddings, interm_embeddings, method="hq_features")
 
 
 def decode_loss(

@@ -181,11 +181,6 @@ def make_optimizer(config: TrainConfig, params: Params) -> optax.GradientTransfo
     )
 
 
-def _encode_hq(m: Sam, images: jax.Array) -> Tuple[jax.Array, jax.Array]:
-    emb, interm = m.image_encoder(images, interm=True)
-    return emb.astype(jnp.float32), interm.astype(jnp.float32)
-
-
 def encoder_outputs(model: Sam, params: Params, images: jax.Array) -> Dict[str, jax.Array]:
     """What a step with a frozen encoder reads of the images, as batch entries to cache
     (`data.cache_embeddings`): (B, S, S, 3) preprocessed NHWC images -> {"embeddings": (B, h, w,
@@ -193,7 +188,7 @@ def encoder_outputs(model: Sam, params: Params, images: jax.Array) -> Dict[str, 
     its first global block (SAM-HQ's HQ features are computed from both by trainable layers, so
     they are not cached themselves). NHWC float32."""
     if model.config.hq:
-        emb, interm = model.apply({"params": params}, images, method=_encode_hq)
+        emb, interm = model.apply({"params": params}, images, method="encode_image_interm")
         return {"embeddings": emb, "interm_embeddings": interm}
     return {"embeddings": model.apply({"params": params}, images, method="encode_image")}
 
