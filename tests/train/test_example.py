@@ -196,3 +196,25 @@ def _has_matplotlib() -> bool:
     except ImportError:
         return False
     return True
+
+
+@pytest.mark.full  # the example's training loop on SAM-HQ (~30 CPU-s)
+def test_sam_hq_trains_only_hq_parts(tmp_path, tiny_hq):
+    """--decoder hq on SAM-HQ weights: the run trains and writes SAM-HQ params in which only the
+    parts SAM-HQ adds moved (the paper's recipe; the step's own test is tests/train/test_hq.py)."""
+    from sam_jax.checkpoints import flatten_params
+    from sam_jax.train.step import param_labels
+
+    out = tmp_path / "run"
+    argv = ["--weights", tiny_hq.weights, "--decoder", "hq", "--synthetic", "4", "--heldout", "2", "--steps", "2"]
+    hist = _run(COMMON + argv + ["--out", str(out), "--no-plots"])
+    assert len(hist["loss"]) == 2 and np.isfinite(hist["loss"]).all()
+    model, params = sam_jax.load(out / "params.safetensors")
+    assert model.config == tiny_hq.model.config
+    labels = flatten_params(param_labels(tiny_hq.params, decoder="hq"))
+    before = flatten_params(tiny_hq.params)
+    after = flatten_params(params)
+    moved = {k for k in before if not np.array_equal(np.asarray(before[k]), np.asarray(after[k]))}
+    assert moved and all(labels[k] == "train" for k in moved), sorted(
+        moved - {k for k in labels if labels[k] == "train"}
+    )
