@@ -20,6 +20,7 @@ import numpy as np
 
 from ..build import build_sam, param_shapes
 from ..config import SamConfig, get_config, preset_name
+from ..modeling.mask_decoder import HQ_PARTS
 from .errors import ConversionError, printable
 from .params import check_depths, flatten_params, unflatten_params
 
@@ -111,8 +112,9 @@ def _depth(shapes: Mapping[str, Tuple[int, ...]], prefix: str, leaf: str) -> int
     return max((int(m.group(1)) + 1 for k in shapes for m in [pat.fullmatch(k)] if m), default=0)
 
 
-# SAM-HQ's output token: its decoder additions (the ViT width they read must be the encoder's).
-HQ_KEY = "mask_decoder.hf_token.weight"
+# SAM-HQ's decoder additions (the ViT width they read must be the encoder's): a checkpoint with any
+# of them is SAM-HQ's, so one that lacks some is told which, not that all the others are unexpected.
+HQ_PREFIXES = tuple(f"mask_decoder.{part}." for part in HQ_PARTS)
 # Keys that tell the image encoder's family (MobileSAM's TinyViT begins with a BatchNorm'd conv stem).
 TINY_VIT_KEY = "image_encoder.patch_embed.seq.0.c.weight"
 _VIT_NEED = (
@@ -154,7 +156,7 @@ def detect_config(shapes: Mapping[str, Tuple[int, ...]]) -> SamConfig:
             num_multimask_outputs=shapes["mask_decoder.mask_tokens.weight"][0] - 1,
             iou_head_depth=_depth(shapes, "mask_decoder.iou_prediction_head.layers", "weight"),
             iou_head_hidden_dim=shapes["mask_decoder.iou_prediction_head.layers.0.weight"][0],
-            hq=HQ_KEY in shapes,
+            hq=any(k.startswith(HQ_PREFIXES) for k in shapes),
         )
     except (ValueError, IndexError, ZeroDivisionError, TypeError) as e:
         raise ConversionError(f"cannot detect the model type from the tensor shapes ({e})") from None

@@ -15,6 +15,11 @@ from .transformer import TwoWayTransformer
 CHANNELS_FIRST_MAX_DIM = 64
 
 
+# The parts SAM-HQ adds to SAM's mask decoder (`MaskDecoder(hq=True)`), by their names in both the
+# official and our parameter trees (ours suffix a layer index: `compress_vit_feat_0`).
+HQ_PARTS = ("hf_token", "hf_mlp", "compress_vit_feat", "embedding_encoder", "embedding_maskfeature")
+
+
 class MaskDecoder(nn.Module):
     """Predicts mask logits and their IoU from an image embedding and prompt tokens.
 

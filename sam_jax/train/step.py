@@ -35,6 +35,7 @@ import optax
 from flax import traverse_util
 
 from ..modeling import Sam
+from ..modeling.mask_decoder import HQ_PARTS
 from .losses import LossConfig
 from .lora import LORA_A, LORA_B
 from .objective import hq_features, interactive_loss
@@ -46,7 +47,6 @@ ENCODER_MODES = ("frozen", "full", "lora")
 DECODER_MODES = ("full", "hq")
 # The mask decoder's submodules that SAM-HQ adds to SAM's (Flax names: Sequential members are
 # `<name>_<index>`); decoder="hq" trains these and nothing else.
-HQ_PARTS = ("hf_token", "hf_mlp", "compress_vit_feat", "embedding_encoder", "embedding_maskfeature")
 ALWAYS_FROZEN = (("prompt_encoder", "pe_layer", "positional_encoding_gaussian_matrix"),)
 # Leaves frozen wherever they are: BatchNorm's running statistics (MobileSAM's TinyViT), buffers
 # in the official model that inference reads and no gradient step may move.

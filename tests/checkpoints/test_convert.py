@@ -227,6 +227,18 @@ def test_vit_b_with_one_stray_key():
     assert e.value.headline == f"the checkpoint does not fit {vit_b}: 1 missing key, 1 wrong shape, 1 unexpected key"
 
 
+def test_sam_hq_without_its_token_is_told_so():
+    """A SAM-HQ checkpoint that lacks one of SAM-HQ's additions (here its output token) is still
+    read as SAM-HQ, so the error names the missing key, not the other additions as unexpected."""
+    with torch.device("meta"):
+        sd = official_sam(sam_jax.get_config("sam_hq_vit_b")).state_dict()
+    shapes = {k: tuple(v.shape) for k, v in sd.items() if k != "mask_decoder.hf_token.weight"}
+    with pytest.raises(ConversionError) as e:
+        plan_conversion(shapes)
+    assert e.value.problems == ["missing key mask_decoder.hf_token.weight (1, 256)"], e.value.problems
+    assert "SAM-HQ" in e.value.headline
+
+
 def test_a_forced_config_deeper_than_the_checkpoint_is_refused_before_a_model_is_built():
     deep = dataclasses.replace(sam_jax.get_config("tiny"), encoder_depth=10**9)
     shapes = {f"image_encoder.blocks.{i}.norm1.weight": (48,) for i in range(5)}  # too little to detect a model
