@@ -152,8 +152,8 @@ def test_bad_arguments(tiny, quantized):
         quantize(tiny.model, qp, "w8")
     with pytest.raises(TypeError, match="model"):
         quantize(object(), tiny.params, "w8")
-    with pytest.raises(NotImplementedError, match="calibration"):
-        quantize(tiny.model, tiny.params, "w8a8", calibration=[np.zeros((8, 8, 3), np.uint8)])
+    with pytest.raises(ValueError, match="calibration.*'w8'"):
+        quantize(tiny.model, tiny.params, "w8", calibration=[np.zeros((8, 8, 3), np.uint8)])
     with pytest.raises(ValueError, match="layers"):
         quantize(tiny.model, tiny.params, "w8", layers=("qkv", "nope"))
     flat = dict(traverse_util.flatten_dict(tiny.params, sep="/"))
@@ -163,6 +163,122 @@ def test_bad_arguments(tiny, quantized):
     bad = dict(flat, **{"image_encoder/blocks_0/attn/qkv/kernel": jnp.zeros((3, 3))})
     with pytest.raises(ValueError, match="qkv/kernel: shape"):
         quantize(tiny.model, traverse_util.unflatten_dict(bad, sep="/"), "w8")
+
+
+# --- Static activation scales ("w8a8" with calibration images). ---
+
+
+def _calibration_images() -> list:
+    """Two small calibration images: an RGB one and a grayscale (H, W) one."""
+    rng = np.random.default_rng(3)
+    return [rng.integers(0, 256, (120, 150, 3), dtype=np.uint8), rng.integers(0, 256, (90, 70), dtype=np.uint8)]
+
+
+# Embedding mean |error| / std of the calibrated tiny model against the float one, on
+# test_static_predictor_and_round_trip's image: measured 0.022 (dynamic scales: 0.017; max |error|
+# 0.18 and 0.12); about twice that for another XLA / qwix version or calibration noise.
+STATIC_TINY_EMB_ERR_BOUND = 0.04
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny):
+    return quantize(tiny.model, tiny.params, "w8a8", calibration=_calibration_images())
+
+
+@pytest.mark.full  # ~9 s: the calibration compiles the tiny encoder (the fixture), then the float one
+def test_static_scales_per_tensor(tiny, quantized, calibrated):
+    """One float32 scale per activation tensor of each calibrated layer (the encoder's four
+    matmuls), beside its kernel; the kernels are the dynamic mode's. The first block's qkv scale,
+    whose input no quantized layer precedes, is the mean over the images of that input's absmax
+    / 127.5 (qwix's int8 bound: values round to -128..127)."""
+    from qwix._src.core.numerics import get_symmetric_bound
+
+    from sam_jax.functional import prepare_images
+    from sam_jax.quantize import STATIC_LAYERS
+    from sam_jax.transforms import preprocess_padded
+
+    qm, qp = calibrated
+    assert quantization_of(qm) == dict(quantization_of(quantized["w8a8"][0]), static=True)
+    flat = traverse_util.flatten_dict(qp, sep="/", is_leaf=lambda _, x: _is_aux(x))
+    dynamic = traverse_util.flatten_dict(quantized["w8a8"][1], sep="/", is_leaf=lambda _, x: _is_aux(x))
+    scales = {k: v for k, v in flat.items() if _is_aux(v) and not hasattr(v.array, "qvalue")}
+    kernels = {k for k, v in flat.items() if _is_aux(v) and hasattr(v.array, "qvalue")}
+    assert set(flat) - set(scales) == set(dynamic) and kernels == {k for k, v in dynamic.items() if _is_aux(v)}
+    assert {k.rsplit("/", 1)[0] for k in scales} == {k.rsplit("/", 1)[0] for k in kernels}
+    assert all(k.endswith("/dot_general0_lhs_scale") for k in scales), sorted(scales)
+    assert len(scales) == len(kernels) == len(STATIC_LAYERS) * tiny.model.config.encoder_depth
+    for k, v in scales.items():
+        assert v.array.shape == (1,) and v.array.dtype == jnp.float32 and float(v.array[0]) > 0, k
+    for k in kernels:
+        np.testing.assert_array_equal(flat[k].array.qvalue, dynamic[k].array.qvalue)
+        np.testing.assert_array_equal(flat[k].array.scale, dynamic[k].array.scale)
+
+    def qkv_input(padded, sizes):  # blocks_0's norm1 output: what its qkv layer multiplies
+        _, state = tiny.model.apply(
+            {"params": tiny.params},
+            preprocess_padded(padded, sizes),
+            method="encode_image",
+            capture_intermediates=lambda m, _: m.name == "norm1" and m.scope.path[-2] == "blocks_0",
+            mutable=["intermediates"],
+        )
+        return state["intermediates"]["image_encoder"]["blocks_0"]["norm1"]["__call__"][0]
+
+    absmax = [
+        float(jnp.max(jnp.abs(jax.jit(qkv_input)(*prepare_images([im], tiny.model.config.image_size)[:2]))))
+        for im in _calibration_images()
+    ]
+    got = float(scales["image_encoder/blocks_0/attn/qkv/dot_general0_lhs_scale"].array[0])
+    # The same float32 values reduced in another order: equal to float32 rounding.
+    assert get_symmetric_bound(jnp.int8) == 127.5
+    np.testing.assert_allclose(got, np.mean(absmax) / 127.5, rtol=1e-6)
+
+
+@pytest.mark.full  # ~7 s: the predictor compiles the staged encoder and the decoder
+def test_static_predictor_and_round_trip(tiny, calibrated, tmp_path):
+    """The calibrated model saves ("static": true in the metadata), loads back equal (no torch),
+    and runs in SamPredictor; its embedding is close to the float model's (STATIC_TINY_EMB_ERR_BOUND)."""
+    from sam_jax.checkpoints.native import metadata
+
+    qm, qp = calibrated
+    path = str(tmp_path / "static.safetensors")
+    sam_jax.save(path, qp, qm)
+    assert '"static": true' in metadata(path)["quantization"]
+    model, params = sam_jax.load(path)
+    assert quantization_of(model) == quantization_of(qm)
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(qp)
+    for (kw, w), (kg, g) in zip(jax.tree_util.tree_leaves_with_path(qp), jax.tree_util.tree_leaves_with_path(params)):
+        assert kw == kg and w.dtype == g.dtype and w.shape == g.shape, kw
+        np.testing.assert_array_equal(g, w)
+
+    image = (np.random.default_rng(1).random((120, 150, 3)) * 255).astype(np.uint8)
+    pr = sam_jax.SamPredictor(model, params, compile_ahead=False)
+    pr.set_image(image)
+    masks, iou, _ = pr.predict(point_coords=np.array([[60.0, 50.0]]), point_labels=np.array([1]))
+    assert masks.shape == (3, 120, 150) and masks.dtype == bool and np.all(np.isfinite(iou))
+    padded, sizes, _ = F.prepare_images([image], tiny.model.config.image_size)
+    e0 = jax.jit(F.encode_images, static_argnums=0)(tiny.model, tiny.params, padded, sizes)
+    emb = np.asarray(pr.get_image_embedding()).transpose(0, 2, 3, 1)  # NCHW -> NHWC
+    err = float(np.mean(np.abs(emb - e0)) / np.std(e0))
+    FIGURES["tiny w8a8 static"] = {"emb mean err/std": err}
+    assert 0 < err <= STATIC_TINY_EMB_ERR_BOUND, err
+
+
+def test_bad_calibration(tiny):
+    """Refused before anything runs, naming `calibration`."""
+    with pytest.raises(ValueError, match="calibration.*'w8'"):
+        quantize(tiny.model, tiny.params, "w8", calibration=_calibration_images())
+    with pytest.raises(TypeError, match="calibration must be a list of images"):
+        quantize(tiny.model, tiny.params, "w8a8", calibration="photos/")
+    with pytest.raises(TypeError, match="calibration must be a list of images"):
+        quantize(tiny.model, tiny.params, "w8a8", calibration=np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match="calibration is empty"):
+        quantize(tiny.model, tiny.params, "w8a8", calibration=[])
+    with pytest.raises(ValueError, match=r"calibration\[1\] looks channels-first"):
+        quantize(tiny.model, tiny.params, "w8a8", calibration=[np.zeros((8, 8, 3), np.uint8), np.zeros((3, 8, 8))])
+    with pytest.raises(TypeError, match=r"calibration\[0\] must be uint8"):
+        quantize(tiny.model, tiny.params, "w8a8", calibration=[np.array([["a"]])])
+    with pytest.raises(ValueError, match="none of layers"):
+        quantize(tiny.model, tiny.params, "w8a8", _calibration_images(), layers=("decoder_mlp",))
 
 
 def test_default_layers_are_known():
@@ -206,6 +322,46 @@ def test_vit_b_against_official_fp32(vit_b, mode):
     assert fig["min mask IoU"] >= MIN_IOU[mode], fig
     assert fig["emb mean err/std"] <= EMB_MEAN_ERR[mode], fig
     assert fig["low-res logits mean err/std"] <= LOGIT_MEAN_ERR[mode], fig
+
+
+# Calibration photos: skimage's bundled RGB photographs that are not tests/fidelity.py's PHOTOS.
+CALIBRATION = ("stereo_motorcycle", "hubble_deep_field", "retina", "immunohistochemistry")
+
+
+def calibration_photos() -> list:
+    import skimage.data
+
+    out = []
+    for name in CALIBRATION:
+        image = getattr(skimage.data, name)()
+        out.append(image[0] if isinstance(image, tuple) else image)  # stereo_motorcycle: (left, right, disparity)
+    return out
+
+
+# "w8a8" with static activation scales calibrated on CALIBRATION, against the official fp32
+# predictor on the fidelity photos. Measured 2026-12-05: mean mask IoU 0.9917 (min 0.9760),
+# embedding mean error 0.065 x std, low-res logits 0.036 x std (dynamic scales: 0.9932 / 0.9785 /
+# 0.050 / 0.029). The mean IoU floor is issue 27's "w8a8" acceptance, met; the others are the
+# measured figures with the dynamic mode's margins (another XLA / qwix version).
+STATIC_FLOORS = {
+    "mean mask IoU": 0.99,  # issue 27; measured 0.9917
+    "min mask IoU": 0.96,  # measured 0.9760
+    "emb mean err/std": 0.09,  # at most; measured 0.065
+    "low-res logits mean err/std": 0.05,  # at most; measured 0.036
+}
+
+
+@pytest.mark.full
+def test_vit_b_static_scales_against_official_fp32(vit_b):
+    qm, qp = quantize(vit_b.model, vit_b.params, "w8a8", calibration=calibration_photos())
+    assert quantization_of(qm)["static"]
+    fig = against_official(vit_b.torch_model, sam_jax.SamPredictor(qm, qp, compile_ahead=False))
+    FIGURES["vit_b w8a8 static vs official fp32"] = fig
+    assert fig["masks"] == MASKS
+    assert fig["mean mask IoU"] >= STATIC_FLOORS["mean mask IoU"], fig
+    assert fig["min mask IoU"] >= STATIC_FLOORS["min mask IoU"], fig
+    assert fig["emb mean err/std"] <= STATIC_FLOORS["emb mean err/std"], fig
+    assert fig["low-res logits mean err/std"] <= STATIC_FLOORS["low-res logits mean err/std"], fig
 
 
 # --- Subchannel scales and float16 storage ("w8"). ---
@@ -291,12 +447,13 @@ def test_w8_save_load_round_trip(quantized, tmp_path):
         np.testing.assert_array_equal(g, w)
 
 
-@pytest.mark.full  # ~50 s each: compiles TinyViT / SAM-HQ in two modes
+@pytest.mark.full  # ~75 s each: compiles TinyViT / SAM-HQ in two modes and calibrated
 @pytest.mark.parametrize("name", ["tiny_mobile_sam", "tiny_hq"])
 def test_sam_family(name):
     """MobileSAM's TinyViT and SAM-HQ quantize through the same groups and run in SamPredictor:
     every attention and MLP matmul of the encoder's transformer blocks is int8 (TinyViT names its
-    MLP fc1 / fc2), and the masks have the float model's shapes."""
+    MLP fc1 / fc2), calibrated each with a static scale, and the masks have the float model's
+    shapes."""
     model = sam_jax.build_sam(name)
     params = sam_jax.init_params(model, jax.random.PRNGKey(0))
     matmuls = ("qkv", "proj", "lin1", "lin2", "fc1", "fc2")
@@ -307,11 +464,14 @@ def test_sam_family(name):
     ]
     image = np.random.default_rng(0).integers(0, 255, (96, 128, 3)).astype(np.uint8)
     point = dict(point_coords=np.array([[50.0, 40.0]]), point_labels=np.array([1]))
-    for mode in MODES:
-        qm, qp = quantize(model, params, mode)
+    for mode, calibration in [(mode, None) for mode in MODES] + [("w8a8", [image])]:
+        qm, qp = quantize(model, params, mode, calibration=calibration)
         flat = traverse_util.flatten_dict(qp, is_leaf=lambda _, x: _is_aux(x))
-        quantized = sorted("/".join(k) for k, v in flat.items() if _is_aux(v))
+        quantized = sorted("/".join(k) for k, v in flat.items() if _is_aux(v) and hasattr(v.array, "qvalue"))
         assert quantized == sorted(float_kernels) and len(quantized) >= 12, quantized
+        # Calibrated: one static scale per quantized kernel's input.
+        scales = sorted("/".join(k[:-1]) for k, v in flat.items() if _is_aux(v) and not hasattr(v.array, "qvalue"))
+        assert scales == ([] if calibration is None else sorted(k.rsplit("/", 1)[0] for k in quantized))
         p = sam_jax.SamPredictor(qm, qp, compile_ahead=False)
         p.set_image(image)
         masks, scores, _ = p.predict(**point)

@@ -47,6 +47,7 @@ from .common import (
     add_hq_token_only_argument,
     add_weights_argument,
     check_hq_token_only,
+    list_inputs,
     load_weights,
     read_image,
     run_command,
@@ -120,21 +121,6 @@ def build_parser(prog: str = "sam-jax amg") -> argparse.ArgumentParser:
     p.add_argument("--process-id", type=int, help="with --distributed: this process's index")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
-
-
-def list_inputs(path: str) -> List[str]:
-    if os.path.isdir(path):
-        files = sorted(
-            os.path.join(path, f)
-            for f in os.listdir(path)
-            if not f.startswith(".") and os.path.isfile(os.path.join(path, f))
-        )
-        if not files:
-            raise UsageError(f"folder {path} holds no files")
-        return files
-    if os.path.isfile(path):
-        return [path]
-    raise UsageError(f"no such image or folder: {path}")
 
 
 def output_path(out: str, image: str, output_mode: str) -> str:

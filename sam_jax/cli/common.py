@@ -9,8 +9,9 @@ is not writable) prints the same one line and exits with 1. Outputs are written 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
@@ -91,6 +92,23 @@ def run_command(
     except OSError as e:  # e.g. the output folder is not writable
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
+
+
+def list_inputs(path: str) -> List[str]:
+    """The files an IMAGE-or-FOLDER argument names: the file itself, or the folder's visible
+    files, sorted; UsageError for a missing path or a folder without files."""
+    if os.path.isdir(path):
+        files = sorted(
+            os.path.join(path, f)
+            for f in os.listdir(path)
+            if not f.startswith(".") and os.path.isfile(os.path.join(path, f))
+        )
+        if not files:
+            raise UsageError(f"folder {path} holds no files")
+        return files
+    if os.path.isfile(path):
+        return [path]
+    raise UsageError(f"no such image or folder: {path}")
 
 
 def read_image(path: str) -> np.ndarray:
