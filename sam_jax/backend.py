@@ -105,13 +105,24 @@ def encoder_stages(config: Any) -> Tuple[Tuple[int, int, bool], ...]:
     return tuple(stages)
 
 
-def staging_pays(config: Any = None) -> bool:
+def staging_pays(config: Any = None, int8_activations: bool = False) -> bool:
     """Whether `encode_staged` beats one jit of the encoder here: on XLA:CPU where this XLA knows
     `CPU_XLA_OPTIONS` (measured above), for SAM's ViT (a `SamConfig` whose `encoder_type` is not
     "vit" has no stages: MobileSAM's TinyViT runs as one jit; nor, for now, SAM-HQ's, which also
-    returns the tokens after its first global block). Elsewhere one jit is the choice."""
+    returns the tokens after its first global block). Elsewhere one jit is the choice.
+
+    int8_activations (a "w8a8" model of `sam_jax.quantize`): one jit with XLA's defaults, whose
+    YNNPACK fusions run the int8 x int8 -> int32 dots and the activations' quantization far faster
+    than XLA's own fusions. Measured 2026-12-05, jax 0.10.2, the 2-core EPYC with nothing else
+    running, random vit_b params in "w8a8", 3 interleaved rounds after warm-up: one jit with XLA's
+    defaults median 7.42 s, one jit with CPU_XLA_OPTIONS 15.84 s, `encode_staged` 13.13 s (its
+    stages but the global attention halves run without YNNPACK). fp32, bf16 and "w8" (float
+    compute) keep the chain (`python bench/profile_ops.py`: one jit 8.2 / 11.9 / 9.0 s against
+    set_image's 7.8 / 8.9 / 7.4 s staged in the same quiet spell)."""
     if config is not None and (config.encoder_type != "vit" or config.hq):
         return False  # SAM-HQ also needs the tokens after the first global block: one jit for now
+    if int8_activations:
+        return False
     return _cpu_options_known()
 
 

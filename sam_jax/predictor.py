@@ -36,6 +36,7 @@ from .functional import (
     size_bucket,
 )
 from .modeling import PAD_LABEL, Sam, decoder_params
+from .quantize import quantization_of
 from .transforms import ResizeLongestSide, mask_upscale_taps, preprocess_padded, upscale_masks, upscale_width_window
 
 Outputs = Tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -69,13 +70,19 @@ def _encode(model: Sam, params: Params, images: np.ndarray, sizes: np.ndarray) -
     hq = None
     if model.config.hq:
         emb, hq = _encode_images_hq(model, params, images, sizes)
-    elif backend.staging_pays(model.config):
+    elif backend.staging_pays(model.config, int8_activations=_int8_activations(model)):
         emb = backend.encode_staged(model, params, _preprocess(images, sizes))
     else:
         encode = _encode_images_tuned if backend.encoder_runs_tuned(model.config) else _encode_images
         emb = encode(model, params, images, sizes)
     n = emb.shape[0]
     return tuple(emb[i : i + 1] for i in range(n)), tuple(None if hq is None else hq[i : i + 1] for i in range(n))
+
+
+def _int8_activations(model: Sam) -> bool:
+    """Whether `model` is a "w8a8" model of `sam_jax.quantize` (int8 x int8 matmuls)."""
+    quantization = quantization_of(model)
+    return quantization is not None and quantization.get("mode") == "w8a8"
 
 
 def _pad_rows(x: np.ndarray, n: int, fill: float = 0.0) -> np.ndarray:
