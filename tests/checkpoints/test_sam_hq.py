@@ -11,7 +11,7 @@ import torch
 
 import sam_jax
 from sam_jax.checkpoints import ConversionError, convert_state_dict, export_pth, export_state_dict, flatten_params
-from sam_jax.checkpoints.official import plan_conversion
+from sam_jax.checkpoints.official import HQ_PREFIXES, plan_conversion
 from tests.reference import official_sam, randomise_
 
 
@@ -36,11 +36,14 @@ def test_sam_is_not_sam_hq():
     sam_only = {k: v for k, v in shapes.items() if not k.startswith("mask_decoder.")} | {
         k: v for k, v in shapes.items() if k.startswith("mask_decoder.") and "hf_" not in k
     }
-    # The HQ parts but not its token: SAM with stray keys, not SAM-HQ.
-    with pytest.raises(ConversionError, match="which looks like tiny .*; expected tiny_hq \\(SAM-HQ, "):
-        plan_conversion(sam_only, "tiny_hq")
-    with pytest.raises(ConversionError, match="^the checkpoint holds tiny .* plus 18 unexpected keys"):
-        plan_conversion(sam_only)
+    # Some of SAM-HQ's parts but not its token and its MLP: SAM-HQ lacking those 7 keys (any of
+    # SAM-HQ's additions makes a checkpoint SAM-HQ's), not SAM with 18 stray keys.
+    for forced in ("tiny_hq", "auto"):
+        with pytest.raises(ConversionError, match=r"^the checkpoint does not fit tiny_hq \(SAM-HQ, .*: 7 missing keys"):
+            plan_conversion(sam_only, forced)
+    # SAM's keys alone are SAM's.
+    sam = {k: v for k, v in sam_only.items() if not k.startswith(HQ_PREFIXES)}
+    assert plan_conversion(sam)[0] == sam_jax.get_config("tiny")
 
 
 @pytest.mark.full  # ~10 CPU-s: a randomised vit_b-sized model, saved and loaded twice
