@@ -22,8 +22,10 @@ def _run(capsys, *args: str):
     return rc, out, err
 
 
-# w8a8 in the full tier: ~10 s compiling its predictor, and test_quantize's daily tier runs it already.
-@pytest.mark.parametrize("mode", ["w8", pytest.param("w8a8", marks=pytest.mark.full)])
+# Full tier: ~11 s a mode, most of it compiling the quantized predictor. Daily: test_default_mode_is_w8
+# (the command writes a w8 file that loads) and tests/test_quantize.py (save / load, the predictor).
+@pytest.mark.full
+@pytest.mark.parametrize("mode", ["w8", "w8a8"])
 def test_quantizes_into_a_file_that_loads(tiny, tmp_path, capsys, mode):
     out = str(tmp_path / f"tiny_{mode}.safetensors")
     rc, stdout, err = _run(capsys, tiny.weights, out, "--mode", mode)

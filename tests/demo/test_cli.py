@@ -95,6 +95,7 @@ def _read_line(proc: subprocess.Popen, timeout: float) -> str:
     return ""
 
 
+@pytest.mark.full  # ~8 s: a fresh process loading the model; the daily tier serves the same app in-process
 def test_serves_and_stops_on_ctrl_c(tiny):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "sam_jax.cli", "demo", "--weights", tiny.weights, "--port", "0"]
