@@ -222,13 +222,17 @@ def _qwix():
     return qwix
 
 
+def _is_aux(x: Any) -> bool:
+    """A qwix `WithAux` leaf: a quantized kernel (holding a `QArray`) or a static activation scale."""
+    return type(x).__name__ == "WithAux"
+
+
 def is_quantized(model: Any = None, params: Optional[Params] = None) -> bool:
     """Whether `model` is a qwix-intercepted model or `params` hold quantized leaves."""
     if model is not None and hasattr(type(model), "_unquantized_type"):
         return True
     if params is not None:
-        leaves = jax.tree_util.tree_leaves(params, is_leaf=lambda x: type(x).__name__ == "WithAux")
-        return any(type(x).__name__ == "WithAux" for x in leaves)
+        return any(_is_aux(x) for x in jax.tree_util.tree_leaves(params, is_leaf=_is_aux))
     return False
 
 
@@ -319,8 +323,7 @@ def tile_sizes(params: Params, layers: Iterable[str], tile_size: Optional[int]) 
 
 
 def _flat(tree: Params) -> Dict[str, Any]:
-    is_aux = lambda x: type(x).__name__ == "WithAux"  # noqa: E731
-    return traverse_util.flatten_dict(dict(tree), sep=SEP, is_leaf=lambda _, x: is_aux(x))
+    return traverse_util.flatten_dict(dict(tree), sep=SEP, is_leaf=lambda _, x: _is_aux(x))
 
 
 def _to_half(params: Params, pattern: Optional[str]) -> Params:
@@ -328,8 +331,7 @@ def _to_half(params: Params, pattern: Optional[str]) -> Params:
     if pattern is None:
         return params
     flat = {
-        k: v.astype(HALF_DTYPE) if type(v).__name__ != "WithAux" and re.fullmatch(pattern, k) else v
-        for k, v in _flat(params).items()
+        k: v.astype(HALF_DTYPE) if not _is_aux(v) and re.fullmatch(pattern, k) else v for k, v in _flat(params).items()
     }
     return traverse_util.unflatten_dict(flat, sep=SEP)
 
@@ -413,7 +415,7 @@ def calibration_inputs(calibration: Any, image_size: int) -> List[Tuple[np.ndarr
 
 def _is_static_scale(x: Any) -> bool:
     """A static activation scale: a WithAux holding a plain array (a kernel's holds a QArray)."""
-    return type(x).__name__ == "WithAux" and not hasattr(x.array, "qvalue")
+    return _is_aux(x) and not hasattr(x.array, "qvalue")
 
 
 def _static_scale_keys(abstract: Params) -> List[str]:
@@ -491,13 +493,12 @@ def to_tensors(qparams: Params) -> Dict[str, np.ndarray]:
     """Quantized params -> flat {name: numpy array} for a file: float leaves and static activation
     scales (float32, shape (1,)) under their path, each quantized kernel as path + QVALUE (int8) and
     path + SCALE (float32)."""
-    is_aux = lambda x: type(x).__name__ == "WithAux"  # noqa: E731
-    flat = traverse_util.flatten_dict(dict(qparams), sep=SEP, is_leaf=lambda _, x: is_aux(x))
+    flat = _flat(qparams)
     out = {}
     for k, v in flat.items():
         if _is_static_scale(v):
             out[k] = np.asarray(v.array)
-        elif is_aux(v):
+        elif _is_aux(v):
             out[k + QVALUE] = np.asarray(v.array.qvalue)
             out[k + SCALE] = np.asarray(v.array.scale)
         else:
@@ -533,13 +534,12 @@ def from_tensors(model: Sam, tensors: Mapping[str, Any], quantization: Mapping[s
         )
     names = _layer_names(mode, layers)
     qmodel, abstract = _quantized_model(model, mode, names, {n: tiles.get(n) for n in names}, static)
-    is_aux = lambda x: type(x).__name__ == "WithAux"  # noqa: E731
-    want = traverse_util.flatten_dict(abstract, sep=SEP, is_leaf=lambda _, x: is_aux(x))
+    want = _flat(abstract)
     expected = {}
     for k, v in want.items():
         if _is_static_scale(v):
             expected[k] = (tuple(v.array.shape), np.dtype(v.array.dtype))
-        elif is_aux(v):
+        elif _is_aux(v):
             expected[k + QVALUE] = (tuple(v.array.qvalue.shape), np.dtype(v.array.qvalue.dtype))
             expected[k + SCALE] = (tuple(v.array.scale.shape), np.dtype(v.array.scale.dtype))
         else:
@@ -560,7 +560,7 @@ def from_tensors(model: Sam, tensors: Mapping[str, Any], quantization: Mapping[s
     for k, v in want.items():
         if _is_static_scale(v):
             out[k] = v.replace(array=jnp.asarray(tensors[k]))
-        elif is_aux(v):
+        elif _is_aux(v):
             q = qwix.QArray(
                 qvalue=jnp.asarray(tensors[k + QVALUE]), scale=jnp.asarray(tensors[k + SCALE]), qtype=jnp.int8
             )
